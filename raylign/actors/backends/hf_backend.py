@@ -34,7 +34,7 @@ class HFBackend:
         width = max(len(ids) for ids in batch)
         input_ids_B_T = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in batch])
         mask_B_T = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.temperature > 0 \
+        sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0) if spec.temperature > 0 \
             else dict(do_sample=False)
         out = self.model.generate(
             input_ids=input_ids_B_T, attention_mask=mask_B_T, max_new_tokens=spec.max_new_tokens,

@@ -2,6 +2,11 @@
 
 Loaded by name inside vLLM's engine process (``LLM(worker_extension_cls=...)``). The method name must not be
 ``update_weights``: vLLM's CPU worker already defines one.
+
+Tied embeddings need care. The checkpoint loader skips ``lm_head.weight`` when it is tied, so vLLM's
+layerwise reload sees an LM head that received no weights and puts its *old* tensors back; on CPU the head
+also holds a prepacked (oneDNN) copy of the matrix. After a reload we re-tie the head to the new embedding
+and re-run its post-load processing, or the logits keep coming from the old weights.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from raylign.actors.backends.weights import iter_safetensors
 class WeightReloadExtension:
     def raylign_reload_weights(self, path: str) -> int:
         hf_config = self.model_runner.model_config.hf_config
-        # A tied lm_head shares the embedding; loading it separately would fail or double-count.
-        skip = frozenset({"lm_head.weight"}) if getattr(hf_config, "tie_word_embeddings", False) else frozenset()
+        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        skip = frozenset({"lm_head.weight"}) if tied else frozenset()
         count = 0
 
         def weights():
@@ -23,4 +28,17 @@ class WeightReloadExtension:
                 yield item
 
         self.model_runner.reload_weights(weights_iterator=weights())
+        if tied:
+            self._retie_lm_head()
         return count
+
+    def _retie_lm_head(self) -> None:
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
+        if lm_head is None or not hasattr(embed, "weight"):
+            return
+        lm_head.weight = embed.weight
+        process = getattr(lm_head.quant_method, "process_weights_after_loading", None)
+        if process is not None:
+            process(lm_head)

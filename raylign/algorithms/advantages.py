@@ -1,0 +1,77 @@
+"""Advantage estimators: group-relative (GRPO, Dr.GRPO), leave-one-out (RLOO), EMA baseline, GAE (PPO).
+
+- GRPO (Shao et al. 2024, DeepSeekMath eq. 3 outcome supervision): A_i = (r_i - mean(r)) / std(r) over the
+  G samples of one prompt. std is unbiased (torch.std, as TRL). Deviation: a group whose rewards are all
+  equal gets exactly 0 (no signal) rather than 0/eps noise. Dr.GRPO (Liu et al. 2025) drops the std.
+- RLOO (Ahmadian et al. 2024, eq. 6): A_i = r_i - 1/(G-1) sum_{j != i} r_j.
+- EMA baseline (AutoDSPy's REINFORCE): A_i = r_i - b, then b <- decay * b + (1 - decay) * r_i, one sample at
+  a time. Deviation from the AutoDSPy seed, which updates b first: the seed's advantage is decay * (r - b)
+  and includes the sample's own reward in its baseline; ours uses only earlier samples (unbiased) and differs
+  by the constant factor decay, which the learning rate absorbs.
+- GAE (Schulman et al. 2016, eq. 16): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1},
+  returns R_t = A_t + V_t. Completions end at their last valid token (mask zeros are trailing padding), so
+  V after it is 0: the episode terminates there.
+All estimators are targets, not differentiated: they run under no_grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages for P prompts x G samples; normalize_std=False is Dr.GRPO. Returns adv_P_G."""
+    if rewards_P_G.shape[-1] < 2:
+        raise ValueError(f"group advantages need G >= 2 samples per prompt, got G={rewards_P_G.shape[-1]}")
+    adv_P_G = rewards_P_G - rewards_P_G.mean(-1, keepdim=True)
+    if normalize_std:
+        adv_P_G = adv_P_G / (rewards_P_G.std(-1, keepdim=True) + eps)
+    # mean() of equal floats can be off by an ulp; a tied group must give exactly 0, not ulp/eps
+    tied_P_1 = (rewards_P_G == rewards_P_G[..., :1]).all(-1, keepdim=True)
+    return torch.where(tied_P_1, torch.zeros_like(adv_P_G), adv_P_G)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards_P_G: torch.Tensor) -> torch.Tensor:
+    """RLOO: each sample's baseline is the mean of the other G - 1 samples of its prompt. Returns adv_P_G."""
+    G = rewards_P_G.shape[-1]
+    if G < 2:
+        raise ValueError(f"RLOO needs G >= 2 samples per prompt, got G={G}")
+    others_P_G = (rewards_P_G.sum(-1, keepdim=True) - rewards_P_G) / (G - 1)
+    return rewards_P_G - others_P_G
+
+
+@torch.no_grad()
+def ema_baseline_advantages(rewards_B: torch.Tensor, baseline: float,
+                            decay: float = 0.9) -> tuple[torch.Tensor, float]:
+    """REINFORCE with a running baseline, consumed in batch order. Returns (adv_B, baseline after the batch)."""
+    adv = []
+    for r in rewards_B.tolist():
+        adv.append(r - baseline)  # baseline from earlier samples only: see module docstring
+        baseline = decay * baseline + (1.0 - decay) * r
+    return torch.tensor(adv, dtype=rewards_B.dtype, device=rewards_B.device), baseline
+
+
+@torch.no_grad()
+def gae(rewards_B_T: torch.Tensor, values_B_T: torch.Tensor, mask_B_T: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation per token. Returns (advantages_B_T, returns_B_T), 0 on padding.
+
+    rewards_B_T holds each token's reward (typically 0 everywhere except the last valid token, plus any
+    per-token KL penalty); values_B_T is V(s_t) before token t is emitted.
+    """
+    m_B_T = mask_B_T.to(values_B_T.dtype)
+    T = rewards_B_T.shape[-1]
+    adv_B_T = torch.zeros_like(values_B_T)
+    next_adv_B = torch.zeros_like(values_B_T[:, 0])
+    next_value_B = torch.zeros_like(values_B_T[:, 0])
+    for t in reversed(range(T)):
+        # next_mask = 0 after the last valid token: terminal, so V_{t+1} and A_{t+1} drop out
+        next_mask_B = m_B_T[:, t + 1] if t + 1 < T else torch.zeros_like(next_value_B)
+        delta_B = rewards_B_T[:, t] + gamma * next_value_B * next_mask_B - values_B_T[:, t]
+        next_adv_B = delta_B + gamma * lam * next_mask_B * next_adv_B
+        adv_B_T[:, t] = next_adv_B
+        next_value_B = values_B_T[:, t]
+    adv_B_T = adv_B_T * m_B_T
+    return adv_B_T, (adv_B_T + values_B_T) * m_B_T

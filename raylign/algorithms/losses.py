@@ -1,0 +1,109 @@
+"""Policy and value losses for PPO-family methods (PPO, GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE).
+
+Clipped surrogate (Schulman et al. 2017, PPO eq. 7), per token t of completion i:
+    L_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps_high) A) + beta KL_t,   rho_t = pi(o_t) / pi_old(o_t)
+with KL_t a per-token estimate of KL(pi || ref) (GRPO eq. 3 puts it in the loss with k3). Deviations and
+variants, all keyword arguments: eps_high != eps is DAPO's clip-higher (eq. 10); the token reduction is
+``numerics.aggregate`` (token = DAPO, sequence = GRPO, fixed = Dr.GRPO); advantages may be per sequence (B,),
+broadcast over its tokens, or per token (B, T) from GAE. One on-policy step (old = logprobs.detach())
+has rho = 1 and no clipping, so the gradient is plain REINFORCE: -A grad log pi / normaliser.
+The loss is minimised: a positive advantage raises the log-probability of its tokens.
+Value loss: PPO2's clipped value objective 0.5 max((V - R)^2, (V_clip - R)^2) (as in TRL / OpenAI baselines).
+"KL in the reward" (InstructGPT, Ouyang et al. 2022 eq. 2) is ``kl_penalized_rewards``: r - beta sum_t KL_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raylign.algorithms.numerics import AggMode, KLKind, aggregate, kl_estimate, masked_mean, masked_sum
+
+
+def policy_gradient_loss(
+    logprobs_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    agg: AggMode = "token",
+    ref_logprobs_B_T: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_kind: KLKind = "k3",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss (+ optional KL to the reference). advantages_B may also be (B, T).
+
+    max_tokens is the constant for agg="fixed" (see ``aggregate``). Metrics: loss/policy and loss/kl
+    (the two terms of the returned loss; loss/kl includes beta), kl/mean (unweighted token-mean of the
+    estimator), clip/fraction (share of valid tokens where the clip is binding, i.e. the gradient is cut),
+    ratio/mean. Without a reference, loss/kl and kl/mean are 0.
+    """
+    if kl_beta != 0.0 and ref_logprobs_B_T is None:
+        raise ValueError("kl_beta != 0 needs ref_logprobs_B_T")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    adv_B_T = advantages_B.unsqueeze(-1) if advantages_B.dim() == 1 else advantages_B
+    adv_B_T = adv_B_T.detach().to(logprobs_B_T.dtype)
+
+    ratio_B_T = torch.exp(logprobs_B_T - old_logprobs_B_T.detach())
+    unclipped_B_T = -ratio_B_T * adv_B_T
+    clipped_B_T = -torch.clamp(ratio_B_T, 1.0 - clip_eps, 1.0 + eps_high) * adv_B_T
+    pg_B_T = torch.maximum(unclipped_B_T, clipped_B_T)  # max of negatives = -min of the objectives
+    policy_loss = aggregate(pg_B_T, mask_B_T, agg, max_tokens)
+
+    if ref_logprobs_B_T is not None:
+        kl_B_T = kl_estimate(logprobs_B_T, ref_logprobs_B_T.detach(), kl_kind)
+        kl_loss = kl_beta * aggregate(kl_B_T, mask_B_T, agg, max_tokens)
+        kl_mean = masked_mean(kl_B_T.detach(), mask_B_T).item()
+    else:
+        kl_loss = torch.zeros((), dtype=policy_loss.dtype, device=policy_loss.device)
+        kl_mean = 0.0
+
+    metrics = {
+        "loss/policy": policy_loss.item(),
+        "loss/kl": kl_loss.item(),
+        "kl/mean": kl_mean,
+        "clip/fraction": masked_mean((clipped_B_T > unclipped_B_T).to(pg_B_T.dtype), mask_B_T).item(),
+        "ratio/mean": masked_mean(ratio_B_T.detach(), mask_B_T).item(),
+    }
+    return policy_loss + kl_loss, metrics
+
+
+def value_loss(
+    values_B_T: torch.Tensor,
+    old_values_B_T: torch.Tensor,
+    returns_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped value loss, token mean. Metrics: loss/value, value/clip_fraction, value/mean."""
+    returns_B_T = returns_B_T.detach()
+    old_values_B_T = old_values_B_T.detach()
+    # the value may move at most clip_eps from the value that produced the returns, like the policy ratio
+    clipped_values_B_T = old_values_B_T + torch.clamp(values_B_T - old_values_B_T, -clip_eps, clip_eps)
+    unclipped_B_T = (values_B_T - returns_B_T) ** 2
+    clipped_B_T = (clipped_values_B_T - returns_B_T) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_B_T, clipped_B_T), mask_B_T)
+    metrics = {
+        "loss/value": loss.item(),
+        "value/clip_fraction": masked_mean((clipped_B_T > unclipped_B_T).to(values_B_T.dtype), mask_B_T).item(),
+        "value/mean": masked_mean(values_B_T.detach(), mask_B_T).item(),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def kl_penalized_rewards(
+    rewards_B: torch.Tensor,
+    logprobs_B_T: torch.Tensor,
+    ref_logprobs_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    beta: float,
+    kind: KLKind = "k1",
+) -> torch.Tensor:
+    """Sequence reward minus beta times the summed per-token KL estimate over its valid tokens. Returns (B,).
+
+    k1 is the default as in InstructGPT: summed over a sampled sequence it is the unbiased sequence KL.
+    """
+    kl_B = masked_sum(kl_estimate(logprobs_B_T, ref_logprobs_B_T, kind), mask_B_T, dim=-1)
+    return rewards_B - beta * kl_B
