@@ -23,7 +23,13 @@ import random
 from typing import Callable
 
 from raylign.config import DatasetConfig, EnvConfig
-from raylign.envs.answers import extract_final, extract_gsm8k_truth, extract_last_number, normalize_number, numbers_equal
+from raylign.envs.answers import (
+    extract_final,
+    extract_gsm8k_truth,
+    extract_last_number,
+    normalize_number,
+    numbers_equal,
+)
 from raylign.envs.base import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
 
@@ -45,7 +51,8 @@ _OPS: dict[str, tuple[Callable[..., int], str, str, int]] = {
     "mul": (lambda a, b: a * b, "{a} * {b}",
             "{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} have in total?", 2),
     "add_sub": (lambda a, b, c: a + b - c, "{a} + {b} - {c}",
-                "{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?", 2),
+                "{name} has {a} {item}, gets {b} more and then gives away {c}. "
+                "How many {item} does {name} have now?", 2),
     "mul_add": (lambda a, b, c: a * b + c, "{a} * {b} + {c}",
                 "{name} has {a} boxes with {b} {item} in each box and {c} loose {item}. "
                 "How many {item} does {name} have in total?", 2),
@@ -131,20 +138,22 @@ class ArithEnv:
             return self._file_problems(split)
         level = self.env_cfg.difficulty
         count = min(self.env_cfg.num_problems, self.dataset_cfg.limit or self.env_cfg.num_problems)
+        generated = generate(level, split, count, self.env_cfg.seed)
         return [
             Problem(f"arith-l{level}-{split}-{i}", self._messages(question), str(answer),
                     {"level": level, "op": op, "operands": list(operands), "phrasing": phrasing})
-            for i, (question, op, operands, answer, phrasing) in enumerate(generate(level, split, count, self.env_cfg.seed))
+            for i, (question, op, operands, answer, phrasing) in enumerate(generated)
         ]
 
     def _file_problems(self, split: str) -> list[Problem]:
         records, source = load_records(self.dataset_cfg, split=split)
         out = []
+        key = self.dataset_cfg.answer_key
         for row, record in enumerate(records):
-            raw = field(record, self.dataset_cfg.answer_key, source, row)
+            raw = field(record, key, source, row)
             truth = extract_gsm8k_truth(raw) if "####" in raw else normalize_number(raw)
             if truth is None:
-                raise DataError(f"{source}: row {row}: field '{self.dataset_cfg.answer_key}' is not a number: {raw[:80]!r}")
+                raise DataError(f"{source}: row {row}: field '{key}' is not a number: {raw[:80]!r}")
             question = question_text(record, self.dataset_cfg, source, row)
             out.append(Problem(f"arith-{split}-{row}", self._messages(question), truth, {"source": source, "row": row}))
         return out

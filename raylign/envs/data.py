@@ -65,7 +65,8 @@ def _load_local(path_text: str) -> list[dict[str, Any]]:
         return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()
     except Exception as e:
         if fmt != "json":
-            raise DataError(f"{path_text}: could not read as {fmt or 'a dataset folder'}: {type(e).__name__}: {e}") from None
+            what = fmt or "a dataset folder"
+            raise DataError(f"{path_text}: could not read as {what}: {type(e).__name__}: {e}") from None
         where = _first_bad_json_line(path)
         if where is not None:
             raise DataError(f"{path_text}: {where}") from None
@@ -136,4 +137,5 @@ def question_text(record: dict[str, Any], dataset_cfg: DatasetConfig, source: st
     try:
         return template.format(**{k: v for k, v in record.items() if v is not None})
     except (KeyError, IndexError, ValueError, AttributeError) as e:
-        raise DataError(f"{source}: row {row}: dataset.question_template {template!r}: {type(e).__name__}: {e}") from None
+        where = f"{source}: row {row}: dataset.question_template {template!r}"
+        raise DataError(f"{where}: {type(e).__name__}: {e}") from None

@@ -61,7 +61,8 @@ class Gsm8kEnv:
             raise DataError(f"{source}: row {row}: field '{key}' has no '#### <answer>' line")
         truth = extract_gsm8k_truth(solution)
         if truth is None:
-            raise DataError(f"{source}: row {row}: field '{key}': '####{solution.rpartition('####')[2]}' is not a number")
+            tail = solution.rpartition("####")[2].strip()
+            raise DataError(f"{source}: row {row}: field '{key}': '#### {tail}' is not a number")
         messages = [
             {"role": "system", "content": self.env_cfg.system_prompt or DEFAULT_SYSTEM_PROMPT},
             {"role": "user", "content": question_text(record, self.dataset_cfg, source, row)},

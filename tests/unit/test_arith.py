@@ -42,9 +42,10 @@ def test_same_seed_same_problems_different_seed_different():
 def test_deterministic_across_processes():
     # Python's hash() is salted per process; the generator must not depend on it.
     code = ("from raylign.config import *; from raylign.envs.arith import ArithEnv; "
-            "print([p.messages[1]['content'] for p in ArithEnv(EnvConfig(difficulty=3), DatasetConfig()).problems('test')][:5])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+            "env = ArithEnv(EnvConfig(difficulty=3), DatasetConfig()); "
+            "print([p.messages[1]['content'] for p in env.problems('test')][:5])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2], env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
     here = [p.messages[1]["content"] for p in _env(difficulty=3).problems("test")][:5]
     assert out.strip() == repr(here)
 
@@ -56,7 +57,8 @@ def test_train_test_disjoint_and_answers_correct(level):
     assert len(train) == len(test) == 200
     assert len({p.id for p in train}) == 200 and len({p.messages[1]["content"] for p in train}) == 200
     facts = lambda ps: {(p.meta["op"], tuple(p.meta["operands"])) for p in ps}  # noqa: E731
-    commuted = lambda ps: {(op, tuple(sorted(ops[:2])) + tuple(ops[2:])) for op, ops in facts(ps) if op != "sub"}  # noqa: E731
+    # 5 + 7 in train and 7 + 5 in test would be the same fact.
+    commuted = lambda ps: {(op, *sorted(ops[:2]), *ops[2:]) for op, ops in facts(ps) if op != "sub"}  # noqa: E731
     assert not facts(train) & facts(test)
     assert not commuted(train) & commuted(test)
     assert not {p.messages[1]["content"] for p in train} & {p.messages[1]["content"] for p in test}
@@ -86,7 +88,8 @@ def test_prompt_limit_and_pickling():
     env = ArithEnv(EnvConfig(num_problems=50), DatasetConfig(limit=10))
     problems = env.problems("test")
     assert len(problems) == 10
-    assert problems[0].messages[0] == {"role": "system", "content": "You are a helpful assistant that solves arithmetic problems."}
+    system = "You are a helpful assistant that solves arithmetic problems."
+    assert problems[0].messages[0] == {"role": "system", "content": system}
     assert problems[0].messages[1]["content"].endswith("\nAnswer with just the number.")
     custom = ArithEnv(EnvConfig(system_prompt="Be terse."), DatasetConfig()).problems("test")[0]
     assert custom.messages[0]["content"] == "Be terse."

@@ -42,9 +42,11 @@ def test_parquet(tmp_path):
     import datasets
 
     path = str(tmp_path / "data.parquet")
-    datasets.Dataset.from_list([{"question": "a", "answer": "#### 3"}, {"question": "b", "answer": "#### 4"}]).to_parquet(path)
+    rows = [{"question": "a", "answer": "#### 3"}, {"question": "b", "answer": "#### 4"}]
+    datasets.Dataset.from_list(rows).to_parquet(path)
     problems = Gsm8kEnv(EnvConfig(name="gsm8k"), DatasetConfig(path=path)).problems("test")
-    assert [(p.id, p.answer, p.messages[1]["content"]) for p in problems] == [("gsm8k-test-0", "3", "a"), ("gsm8k-test-1", "4", "b")]
+    got = [(p.id, p.answer, p.messages[1]["content"]) for p in problems]
+    assert got == [("gsm8k-test-0", "3", "a"), ("gsm8k-test-1", "4", "b")]
 
 
 def test_missing_file_and_malformed_line(tmp_path):
@@ -71,7 +73,8 @@ def test_offline_hub_gives_one_clear_error(monkeypatch):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"openai/gsm8k.*set dataset.path to a local jsonl \(e.g. ../shared/data/gsm8k/test.jsonl\)"):
+    hint = r"set dataset.path to a local jsonl \(e.g. ../shared/data/gsm8k/test.jsonl\)"
+    with pytest.raises(DataError, match=rf"openai/gsm8k.*{hint}"):
         make_env(EnvConfig(name="gsm8k"), DatasetConfig()).problems("test")
     with pytest.raises(DataError, match="HuggingFaceH4/MATH-500.*math500/test.jsonl"):
         make_env(EnvConfig(name="math"), DatasetConfig()).problems("test")
