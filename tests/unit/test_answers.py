@@ -58,7 +58,7 @@ def test_100kb_of_junk_is_linear(junk):
     extract_final(junk)
     extract_last_number(junk)
     extract_boxed(junk)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 1.0  # ~0.1 s here; a quadratic scan would take minutes
 
 
 @pytest.mark.parametrize("text, expected", [
