@@ -18,6 +18,7 @@ class SamplingSpec:
     max_new_tokens: int = 256
     n: int = 1
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
 
 @dataclass

@@ -38,6 +38,7 @@ class HFBackend:
             else dict(do_sample=False)
         out = self.model.generate(
             input_ids=input_ids_B_T, attention_mask=mask_B_T, max_new_tokens=spec.max_new_tokens,
+            min_new_tokens=spec.max_new_tokens if spec.ignore_eos else None,
             pad_token_id=self.pad_id, eos_token_id=self.eos_ids, return_dict_in_generate=True, output_logits=True,
             stop_strings=list(spec.stop) or None, tokenizer=self.tokenizer if spec.stop else None, **sampling,
         )

@@ -35,6 +35,7 @@ class VLLMBackend:
             top_p=spec.top_p,
             max_tokens=spec.max_new_tokens,
             stop=list(spec.stop) or None,
+            ignore_eos=spec.ignore_eos,
             logprobs=0,  # the sampled token's logprob only
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids], params, use_tqdm=False)
