@@ -73,6 +73,23 @@ class RewardConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, description="per-sample reward timeout; a timeout scores 0")
 
 
+class TrainerConfig(_Section):
+    backend: Literal["fsdp2", "ddp"] = Field("fsdp2", description="data-parallel backend of the Ray Train workers")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes) for policy updates")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray logical CPUs each trainer worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per trainer worker (nccl); CPU workers use gloo")
+    lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    micro_batch_tokens: int = Field(4096, ge=64, description="token budget of one forward/backward (grad accumulation)")
+    bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    ref_model: Literal["none", "trainer", "actor"] = Field("trainer", description="where the frozen reference model for KL lives")
+    weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="attach to this cluster ('auto' or host:port); None starts a local one")
     num_cpus: int | None = Field(8, ge=1, description="logical CPUs of a local cluster (oversubscribed on small machines)")
@@ -94,6 +111,7 @@ class Config(_Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="task and reward")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
 

@@ -45,3 +45,30 @@ class Rollout:
     correct: bool
     prediction: str | None
     info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """Sequences to train on, as the generator produced them, plus per-sequence or per-token fields.
+
+    ``loss_mask[i]`` has one 0/1 per completion token (0 for tool output in multi-turn episodes).
+    ``fields`` maps a loss-function argument name to one value per sequence: a float (``advantages_B``)
+    or a list aligned with the completion tokens (``old_logprobs_B_T``, ``ref_logprobs_B_T``). The trainer
+    pads them into tensors and calls the loss with ``logprobs_B_T``, ``mask_B_T`` and these fields.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    loss_mask: list[list[int]]
+    fields: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, indices: list[int]) -> TrainBatch:
+        return TrainBatch(
+            prompt_ids=[self.prompt_ids[i] for i in indices],
+            completion_ids=[self.completion_ids[i] for i in indices],
+            loss_mask=[self.loss_mask[i] for i in indices],
+            fields={k: [v[i] for i in indices] for k, v in self.fields.items()},
+        )
