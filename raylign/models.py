@@ -68,7 +68,7 @@ def _build_once(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
         try:
             fields = build(tmp)
             (tmp / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, **fields}, indent=2))
-            if target.exists():  # an older format version
+            if target.exists():  # no marker or an older format version: not ours to keep
                 shutil.rmtree(target)
             os.rename(tmp, target)
         except BaseException:

