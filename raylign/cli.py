@@ -1,4 +1,4 @@
-"""`raylign eval CONFIG [key=value ...]` and `raylign config` (list every field with its doc)."""
+"""`raylign eval|train CONFIG [key=value ...]` and `raylign config` (every field with its doc)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from raylign.config import ConfigError, config_fields, load_config
 
@@ -25,6 +26,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from raylign.train import train
+
+    summary = train(args.config, args.overrides, resume=args.resume)
+    before = summary.get("eval_before", {}).get("accuracy")
+    after = summary.get("eval_after", {}).get("accuracy")
+    fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"held-out greedy accuracy: before {fmt(before)} -> after {fmt(after)} ({summary['steps']} steps, "
+          f"{summary['wall_s'] / 60:.1f} min)")
+    print(f"final model: {summary['final_model_dir']}")
+    print(f"rollouts:    {summary['rollouts']}")
+    print(f"summary:     {Path(summary['rollouts']).parent / 'summary.json'}")
+    if summary["mlflow_run_id"]:
+        print(f"mlflow:      run {summary['mlflow_run_id']} (make mlflow-ui, or "
+              f"mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.config:
         print(load_config(args.config, args.overrides).model_dump_json(indent=2))
@@ -39,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in [("eval", _eval, "evaluate a model on an env"),
+                                ("train", _train, "train a policy with RL (GRPO, RLOO, REINFORCE)"),
                                 ("config", _config, "show config fields, or a resolved config")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", nargs="?" if name == "config" else None, help="YAML preset (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generator.temperature=0.7")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     try:

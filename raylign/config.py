@@ -90,6 +90,34 @@ class TrainerConfig(_Section):
     weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
 
 
+class AlgorithmConfig(_Section):
+    name: Literal["grpo", "rloo", "reinforce"] = Field("grpo", description="RL algorithm (see raylign/algorithms)")
+    group_size: int = Field(4, ge=1, description="samples per prompt (G); GRPO and RLOO need >= 2")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per training step (P); batch = P x G sequences")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of training rollouts (evals use generator.temperature)")
+    normalize_std: bool = Field(True, description="GRPO: divide group advantages by the group std (False = Dr.GRPO)")
+    clip_eps: float = Field(0.2, gt=0, description="PPO-style ratio clip (lower side, and upper unless clip_eps_high)")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper ratio clip (DAPO clip-higher); None = clip_eps")
+    loss_agg: Literal["token", "sequence", "fixed"] = Field("token", description="loss aggregation: token mean, per-sequence mean, or Dr.GRPO fixed length")
+    kl_beta: float = Field(0.0, ge=0, description="KL(policy || reference) coefficient; 0 disables the reference")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1/k2/k3)")
+    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="REINFORCE: baseline = decay*baseline + (1-decay)*reward")
+    epochs: int = Field(1, ge=1, description="passes over each batch (more than 1 makes the ratio clip matter)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(20, ge=0, description="training steps (one batch of prompts each)")
+    eval_before: bool = Field(True, description="greedy eval on the held-out split before training")
+    eval_after: bool = Field(True, description="greedy eval on the held-out split after training")
+    eval_split: str = Field("test", description="held-out split for evals")
+    eval_limit: int | None = Field(100, ge=1, description="held-out problems per eval (None = all)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every K steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
+    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in output_dir")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="attach to this cluster ('auto' or host:port); None starts a local one")
     num_cpus: int | None = Field(8, ge=1, description="logical CPUs of a local cluster (oversubscribed on small machines)")
@@ -112,6 +140,8 @@ class Config(_Section):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="RL algorithm and its knobs")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop, evals and checkpoints")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
 
@@ -119,6 +149,10 @@ class Config(_Section):
     def _check(self) -> Config:
         if self.generator.n > 1 and self.generator.temperature == 0:
             raise ValueError("generator.n > 1 needs generator.temperature > 0 (greedy samples are identical)")
+        if self.algorithm.name in ("grpo", "rloo") and self.algorithm.group_size < 2:
+            raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
+        if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
+            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model to trainer or actor")
         return self
 
     def resolved_output_dir(self) -> Path:

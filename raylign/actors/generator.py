@@ -42,6 +42,9 @@ class GeneratorActor:
         self.version = version
         return time.perf_counter() - start
 
+    def reseed(self, seed: int) -> None:
+        self.backend.reseed(seed)
+
     def policy_version(self) -> int:
         return self.version
 

@@ -53,6 +53,9 @@ class GeneratorPool:
     def load_weights(self, path: str, version: int) -> list[float]:
         return ray.get([a.load_weights.remote(path, version) for a in self.actors])
 
+    def reseed(self, seed: int) -> None:
+        ray.get([a.reseed.remote(seed + 7919 * i) for i, a in enumerate(self.actors)])
+
     def policy_versions(self) -> list[int]:
         return ray.get([a.policy_version.remote() for a in self.actors])
 

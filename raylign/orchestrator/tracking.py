@@ -12,7 +12,7 @@ from raylign.config import Config, TrackingConfig, to_flat_params
 class Tracker:
     """One MLflow run; a no-op when tracking is disabled."""
 
-    def __init__(self, cfg: TrackingConfig, run_name: str):
+    def __init__(self, cfg: TrackingConfig, run_name: str, resume_run_id: str | None = None):
         self.cfg = cfg
         self.run_id: str | None = None
         if not cfg.enabled:
@@ -28,7 +28,10 @@ class Tracker:
             experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        self.run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name).info.run_id
+        if resume_run_id:  # a resumed training run keeps logging into the run it started
+            self.run_id = mlflow.start_run(run_id=resume_run_id).info.run_id
+        else:
+            self.run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name).info.run_id
 
     def log_config(self, config: Config) -> None:
         if self.run_id:

@@ -12,6 +12,8 @@ class GenerationBackend(Protocol):
 
     def load_weights(self, path: str) -> None: ...
 
+    def reseed(self, seed: int) -> None: ...
+
 
 def _vllm(*args, **kwargs) -> GenerationBackend:
     from raylign.actors.backends.vllm_backend import VLLMBackend  # imports vllm only when chosen

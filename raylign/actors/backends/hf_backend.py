@@ -57,6 +57,9 @@ class HFBackend:
         return Completion(prompt_ids=list(prompt_ids), token_ids=kept, text=text, logprobs=logprobs[:len(kept)],
                           finish_reason="stop" if stopped else "length")
 
+    def reseed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
     def load_weights(self, path: str) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():

@@ -41,6 +41,9 @@ class VLLMBackend:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids], params, use_tqdm=False)
         return [[_completion(ids, o) for o in out.outputs] for ids, out in zip(prompts_ids, outputs, strict=True)]
 
+    def reseed(self, seed: int) -> None:
+        self.llm.collective_rpc("raylign_reseed", args=(seed,))
+
     def load_weights(self, path: str) -> None:
         self.llm.collective_rpc("raylign_reload_weights", args=(path,))
         self.llm.reset_prefix_cache()

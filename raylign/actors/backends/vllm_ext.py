@@ -32,6 +32,13 @@ class WeightReloadExtension:
             self._retie_lm_head()
         return count
 
+    def raylign_reseed(self, seed: int) -> None:
+        # Requests without their own seed draw sampling noise from the global torch RNG; reseeding it per step
+        # makes a step's samples a function of (seed, step, weights), which exact resume needs.
+        import torch
+
+        torch.manual_seed(seed)
+
     def _retie_lm_head(self) -> None:
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)

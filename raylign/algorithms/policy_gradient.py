@@ -1,0 +1,111 @@
+"""GRPO, RLOO and REINFORCE with an EMA baseline: one on-policy step, three advantage estimators.
+
+GRPO (Shao et al. 2024, DeepSeekMath eq. 3): A_i = (r_i - mean(r)) / std(r) within a group of G samples of
+one prompt, clipped surrogate min(rho*A, clip(rho, 1-eps, 1+eps)*A) with optional KL to a reference.
+``normalize_std=False`` is Dr.GRPO (Liu et al. 2025), which drops the std division; ``loss_agg`` picks token,
+sequence or fixed-length aggregation. RLOO (Ahmadian et al. 2024): A_i = r_i - mean_{j!=i} r_j.
+REINFORCE follows the AutoDSPy seed: A = r - b with b <- 0.9*b + 0.1*r, updated sample by sample.
+Deviations: with one epoch and one minibatch the old log-probs are the trainer's own (detached), so the
+ratio is exactly 1 and no extra forward pass is spent; with more, they are recomputed by the trainer before
+the first update (never taken from the generator, whose bf16 kernels differ slightly). KL can be a loss term
+(default) or, with ``kl_in_reward``, subtracted from the reward using the generator's sampling log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from raylign.algorithms.advantages import ema_baseline_advantages, group_advantages, rloo_advantages
+from raylign.algorithms.losses import kl_penalized_rewards
+from raylign.algorithms.protocol import Cluster, completions_batch
+from raylign.envs.base import Problem, Score
+from raylign.types import Completion
+
+
+@dataclass
+class StepOutput:
+    groups: list[list[Completion]]
+    scores: list[list[Score]]
+    advantages_P_G: torch.Tensor
+    metrics: dict[str, float]
+
+
+def _grpo(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
+    return group_advantages(rewards_P_G, normalize_std=cfg.normalize_std)
+
+
+def _rloo(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
+    return rloo_advantages(rewards_P_G)
+
+
+def _reinforce(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
+    adv_B, state["baseline"] = ema_baseline_advantages(rewards_P_G.flatten(), state.get("baseline", 0.0), cfg.ema_decay)
+    return adv_B.view_as(rewards_P_G)
+
+
+ADVANTAGES: dict[str, Callable[[torch.Tensor, object, dict], torch.Tensor]] = {
+    "grpo": _grpo, "rloo": _rloo, "reinforce": _reinforce,
+}
+
+
+def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> StepOutput:
+    """generate -> score -> advantages -> train_step -> sync. ``state`` carries algorithm state (EMA baseline)."""
+    groups = cluster.generate(problems, n=cfg.group_size, temperature=cfg.temperature)
+    scores = cluster.score(problems, groups)
+    rewards_P_G = torch.tensor([[s.reward for s in g] for g in scores], dtype=torch.float64)
+    batch = completions_batch(groups)
+    metrics = rollout_metrics(groups, scores, rewards_P_G)
+
+    kl_beta_loss = cfg.kl_beta
+    if cfg.kl_beta > 0:
+        batch.fields["ref_logprobs_B_T"] = cluster.logprobs(batch, which="ref")
+        if cfg.kl_in_reward:
+            rewards_P_G = _kl_in_reward(rewards_P_G, groups, batch.fields["ref_logprobs_B_T"], cfg)
+            kl_beta_loss = 0.0
+    advantages_P_G = ADVANTAGES[cfg.name](rewards_P_G, cfg, state)
+    batch.fields["advantages_B"] = advantages_P_G.flatten().tolist()
+
+    loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
+                       kl_beta=kl_beta_loss, kl_kind=cfg.kl_kind)
+    loss_name = "policy_gradient_on_policy"
+    if cfg.epochs > 1 or cfg.minibatches > 1:
+        batch.fields["old_logprobs_B_T"] = cluster.logprobs(batch)
+        loss_name = "policy_gradient"
+    for _ in range(cfg.epochs):
+        metrics.update(cluster.train_step(batch, loss_name, loss_kwargs, cfg.minibatches))
+    metrics.update(cluster.sync_weights())
+    metrics["advantage/abs_mean"] = advantages_P_G.abs().mean().item()
+    if "baseline" in state:
+        metrics["reward/baseline"] = state["baseline"]
+    return StepOutput(groups, scores, advantages_P_G, metrics)
+
+
+def _kl_in_reward(rewards_P_G, groups, ref_logprobs, cfg) -> torch.Tensor:
+    flat = [c for g in groups for c in g]
+    width = max(1, max(len(c.logprobs) for c in flat))
+
+    def pad(rows):
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float64)
+
+    mask_B_T = pad([[1.0] * len(c.logprobs) for c in flat])
+    rewards_B = kl_penalized_rewards(rewards_P_G.flatten(), pad([c.logprobs for c in flat]), pad(ref_logprobs),
+                                     mask_B_T, cfg.kl_beta, cfg.kl_kind)
+    return rewards_B.view_as(rewards_P_G)
+
+
+def rollout_metrics(groups: list[list[Completion]], scores: list[list[Score]], rewards_P_G: torch.Tensor) -> dict[str, float]:
+    flat = [s for g in scores for s in g]
+    lengths = torch.tensor([float(len(c.token_ids)) for g in groups for c in g])
+    return {
+        "reward/mean": rewards_P_G.mean().item(),
+        "reward/std": rewards_P_G.std().item() if rewards_P_G.numel() > 1 else 0.0,
+        "reward/zero_std_groups": (rewards_P_G.std(dim=1) == 0).double().mean().item() if rewards_P_G.shape[1] > 1 else 0.0,
+        "accuracy/train": sum(s.correct for s in flat) / len(flat),
+        "format/rate": sum(s.format_ok for s in flat) / len(flat),
+        "response/len_mean": lengths.mean().item(),
+        "response/len_max": lengths.max().item(),
+        "response/truncated": sum(c.finish_reason == "length" for g in groups for c in g) / len(flat),
+    }

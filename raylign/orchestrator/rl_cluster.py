@@ -1,0 +1,87 @@
+"""The algorithms' ``Cluster`` protocol over Ray: generator replicas, reward actors and Ray Train workers.
+
+Synchronous mode: every step generates with the current weights, trains, then pushes the new weights to
+every replica before the next step, so each sample must carry the current policy version (asserted).
+Weights travel as one safetensors file written by trainer rank 0 into ``trainer.weights_dir`` (/dev/shm by
+default) and loaded by each replica: one remote call per replica, not one per parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raylign.chat import encode_chat
+from raylign.config import Config
+from raylign.envs.base import Problem, Score
+from raylign.orchestrator.generator_pool import GeneratorPool
+from raylign.orchestrator.metrics import PhaseTimer
+from raylign.orchestrator.reward_pool import RewardPool
+from raylign.orchestrator.trainer_group import TrainerGroup
+from raylign.types import Completion, TrainBatch
+
+
+class RayCluster:
+    def __init__(self, cfg: Config, model_path: str, tokenizer, run_id: str, storage_dir: str):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.timer = PhaseTimer()
+        self.version = 0
+        self.tokens_generated = 0
+        self.prompt_cache: dict[str, list[int]] = {}
+        self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
+        self.weights_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.timer.phase("startup"):
+            self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir)
+            self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
+            self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward)
+
+    def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
+        for p in problems:
+            if p.id not in self.prompt_cache:
+                self.prompt_cache[p.id] = encode_chat(self.tokenizer, p.messages)
+        return [self.prompt_cache[p.id] for p in problems]
+
+    def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
+        with self.timer.phase("generate"):
+            spec = self.generators.spec(n=n, temperature=temperature)
+            groups = self.generators.generate(self.prompt_ids(problems), spec)
+        stale = {c.policy_version for g in groups for c in g} - {self.version}
+        assert not stale, f"off-policy samples in synchronous mode: versions {stale}, trainer at {self.version}"
+        self.tokens_generated += sum(len(c.token_ids) for g in groups for c in g)
+        return groups
+
+    def score(self, problems: list[Problem], groups: list[list[Completion]]) -> list[list[Score]]:
+        with self.timer.phase("score"):
+            flat = self.rewards.score([(p, c.text) for p, g in zip(problems, groups, strict=True) for c in g])
+        sizes = [len(g) for g in groups]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [flat[s:s + n] for s, n in zip(starts, sizes, strict=True)]
+
+    def logprobs(self, batch: TrainBatch, which: str = "policy") -> list[list[float]]:
+        with self.timer.phase("logprobs" if which == "policy" else "ref_logprobs"):
+            return self.trainer.logprobs(batch, which=which)
+
+    def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
+        with self.timer.phase("train"):
+            return self.trainer.train_step(batch, loss_name, loss_kwargs, minibatches)
+
+    def sync_weights(self) -> dict[str, float]:
+        return self.push_weights(self.version + 1)
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Write the trainer's weights once and load them into every replica as ``version``."""
+        with self.timer.phase("sync"):
+            save_s = self.trainer.save_weights(str(self.weights_path))
+            self.version = version
+            load_s = self.generators.load_weights(str(self.weights_path), self.version)
+        versions = self.generators.policy_versions()
+        assert versions == [self.version] * len(versions), f"replicas at versions {versions}, expected {self.version}"
+        return {"sync/save_s": save_s, "sync/load_s": max(load_s), "policy/version": float(self.version)}
+
+    def reseed(self, step: int) -> None:
+        self.generators.reseed(self.cfg.generator.seed + 1_000_003 * (step + 1))
+
+    def shutdown(self) -> None:
+        self.trainer.shutdown()
+        self.generators.shutdown()
+        self.weights_path.unlink(missing_ok=True)

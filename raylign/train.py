@@ -1,0 +1,42 @@
+"""One code path for training, three ways in:
+
+    raylign train CONFIG [key=value ...] [--resume]
+    python -m raylign.train CONFIG [key=value ...] [--resume]      (also what `ray job submit` runs)
+    import raylign; raylign.train("configs/grpo_arith.yaml", ["train.steps=10"])   # or a Config object
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from raylign.config import Config, load_config
+
+
+def train(config: Config | str, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Run training from a Config or a preset path (+ dotted overrides); returns the run summary."""
+    from raylign.orchestrator.train_loop import train as run
+
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if resume:
+        cfg.train.resume = "auto"
+    return run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raylign.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `raylign.train(...)` work whether `raylign.train` resolves to this module or the function."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
