@@ -31,8 +31,9 @@ def ray_cluster(cfg: RayConfig) -> Iterator[dict]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
+            # A local cluster stays on loopback: no port of it listens on another interface's address.
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, runtime_env=runtime_env,
-                     log_to_driver=True)
+                     log_to_driver=True, _node_ip_address="127.0.0.1")
         started = True
     try:
         yield {"address": ray.get_runtime_context().gcs_address, "resources": ray.cluster_resources()}
