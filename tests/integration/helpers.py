@@ -1,0 +1,16 @@
+"""Shared settings for the training integration tests."""
+
+from pathlib import Path
+
+from raylign.config import load_config
+
+PRESET = Path(__file__).resolve().parents[2] / "configs/grpo_arith.yaml"
+
+TINY = ["env.num_problems=16", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+        "generator.max_new_tokens=8", "generator.kv_cache_gb=0.25", "trainer.lr=1e-3", "trainer.micro_batch_tokens=256",
+        "trainer.num_cpus_per_worker=1", "train.eval_limit=4", "seed=3"]
+
+
+def tiny_config(tiny_model, tmp_path, *extra):
+    return load_config(PRESET, [f"model.name={tiny_model}", *TINY,
+                                                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra], environ={})

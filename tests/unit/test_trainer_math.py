@@ -1,0 +1,134 @@
+"""Trainer helpers in-process: padding, log-probs against a hand loop over an HF forward, work plans, LR."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from raylign.actors.trainer_math import (
+    check_batch,
+    loss_units,
+    lr_multiplier,
+    merge_step_metrics,
+    micro_batches,
+    pad_batch,
+    sequence_logprobs,
+    work_plan,
+)
+from raylign.types import TrainBatch
+
+PAD = 0
+
+
+def _batch() -> TrainBatch:
+    return TrainBatch(
+        prompt_ids=[[5, 6, 7], [8], [9, 10]],
+        completion_ids=[[11, 12], [13, 14, 15, 16], []],
+        loss_mask=[[1, 1], [1, 0, 1, 1], []],
+        fields={"advantages_B": [1.0, -0.5, 0.0], "old_logprobs_B_T": [[-1.0, -2.0], [-3.0, -4.0, -5.0, -6.0], []]},
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_pad_batch_layout_masks_and_fields():
+    t = pad_batch(_batch(), PAD)
+    assert t["input_ids_B_L"].tolist() == [[5, 6, 7, 11, 12], [8, 13, 14, 15, 16], [9, 10, 0, 0, 0]]
+    assert t["attention_mask_B_L"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert t["target_ids_B_T"].tolist() == [[11, 12, 0, 0], [13, 14, 15, 16], [0, 0, 0, 0]]
+    # completion token t of row i is predicted by the logits at P_i + t - 1
+    assert t["logit_pos_B_T"].tolist() == [[2, 3, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0]]
+    assert t["valid_B_T"].tolist() == [[True, True, False, False], [True] * 4, [False] * 4]
+    assert t["mask_B_T"].tolist() == [[1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]]
+    assert t["advantages_B"].tolist() == [1.0, -0.5, 0.0]
+    assert t["old_logprobs_B_T"].tolist() == [[-1, -2, 0, 0], [-3, -4, -5, -6], [0, 0, 0, 0]]
+
+
+def test_check_batch_rejects_empty_prompt_and_misaligned_mask():
+    with pytest.raises(ValueError, match="empty prompt"):
+        check_batch(TrainBatch([[]], [[1]], [[1]]))
+    with pytest.raises(ValueError, match="loss_mask has 1 entries for 2"):
+        check_batch(TrainBatch([[1]], [[1, 2]], [[1]]))
+    with pytest.raises(ValueError, match="field 'advantages_B'"):
+        check_batch(TrainBatch([[1]], [[2]], [[1]], fields={"advantages_B": [1.0, 2.0]}))
+
+
+def test_sequence_logprobs_equal_a_hand_loop_over_hf_forward(model):
+    batch = _batch()
+    with torch.no_grad():
+        logprobs_B_T, entropy_B_T = sequence_logprobs(model, pad_batch(batch, PAD), with_entropy=True)
+        for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+            for t, token in enumerate(c):
+                logits_V = model(input_ids=torch.tensor([p + c[:t]])).logits[0, -1].float()
+                expected = torch.log_softmax(logits_V, -1)[token]
+                entropy = -(torch.softmax(logits_V, -1) * torch.log_softmax(logits_V, -1)).sum()
+                assert logprobs_B_T[i, t].item() == pytest.approx(expected.item(), abs=1e-5)
+                assert entropy_B_T[i, t].item() == pytest.approx(entropy.item(), abs=1e-5)
+    assert logprobs_B_T[0, 2:].tolist() == [0.0, 0.0] and logprobs_B_T[2].tolist() == [0.0] * 4
+
+
+def test_sequence_logprobs_carry_gradient(model):
+    logprobs_B_T, entropy_B_T = sequence_logprobs(model, pad_batch(_batch(), PAD))
+    logprobs_B_T.sum().backward()
+    assert entropy_B_T is None
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_micro_batches_respect_the_padded_token_budget():
+    lengths = [3, 5, 2, 8, 1, 1, 20, 4]
+    batch = TrainBatch([[1] * n for n in lengths], [[]] * len(lengths), [[]] * len(lengths))
+    groups = micro_batches(batch, token_budget=10)
+    assert groups == [[0, 1], [2], [3], [4, 5], [6], [7]]
+    assert [i for g in groups for i in g] == list(range(len(lengths)))  # consecutive, nothing lost
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 10 or len(g) == 1
+    assert micro_batches(batch, token_budget=1000) == [list(range(8))]
+
+
+def test_work_plan_shards_round_robin_and_splits_minibatches():
+    batch = TrainBatch([[1]] * 7, [[2]] * 7, [[1]] * 7)
+    plan = work_plan(batch, world=2, minibatches=2, token_budget=4)
+    assert plan[0] == [[[0, 2]], [[4, 6]]]
+    assert plan[1] == [[[1, 3]], [[5]]]
+    tiny = work_plan(TrainBatch([[1]], [[2]], [[1]]), world=2, minibatches=1, token_budget=64)
+    assert tiny == [[[[0]]], [[]]]  # rank 1 has nothing and will run dummy forwards
+
+
+def test_loss_units_per_aggregation():
+    batch = _batch()
+    assert loss_units(batch, [0, 1, 2], "token") == 5.0
+    assert loss_units(batch, [0, 1, 2], "sequence") == 2.0  # the empty completion does not count
+    assert loss_units(batch, [0, 1, 2], "fixed") == 3.0
+    with pytest.raises(ValueError, match="unknown agg"):
+        loss_units(batch, [0], "median")
+
+
+def test_lr_multiplier_warmup_then_decay():
+    assert [lr_multiplier(s, "constant", 3, None) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_multiplier(2, "cosine", 2, 12) == 1.0
+    assert lr_multiplier(7, "cosine", 2, 12) == pytest.approx(0.5)
+    assert lr_multiplier(12, "cosine", 2, 12) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(7, "linear", 2, 12) == pytest.approx(0.5)
+    assert lr_multiplier(50, "linear", 2, 12) == 0.0
+    with pytest.raises(ValueError, match="needs total_steps"):
+        lr_multiplier(5, "cosine", 0, None)
+    assert math.isclose(lr_multiplier(0, "cosine", 0, 10), 1.0)
+
+
+def test_merge_step_metrics_weights_by_units():
+    rank0 = {"sums": {"loss/policy": 3 * 1.0}, "weight": 3.0, "entropy_sum": 6.0, "tokens": 3.0,
+             "grad_norms": [2.0, 4.0], "lrs": [1e-3, 1e-3], "optimizer_steps": 7}
+    rank1 = {"sums": {"loss/policy": 1 * 5.0}, "weight": 1.0, "entropy_sum": 2.0, "tokens": 1.0,
+             "grad_norms": [2.0, 4.0], "lrs": [1e-3, 1e-3], "optimizer_steps": 7}
+    m = merge_step_metrics([rank0, rank1])
+    assert m["loss/policy"] == pytest.approx(2.0)  # (3*1 + 1*5) / 4
+    assert m["train/entropy"] == pytest.approx(2.0) and m["train/tokens"] == 4.0
+    assert m["train/grad_norm"] == 3.0 and m["train/lr"] == 1e-3 and m["train/optimizer_steps"] == 7.0
