@@ -31,7 +31,9 @@ class RayCluster:
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("startup"):
-            self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir)
+            optimizer_steps = cfg.train.steps * cfg.algorithm.epochs * cfg.algorithm.minibatches
+            self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
+                                        total_steps=optimizer_steps)
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
             self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward)
 

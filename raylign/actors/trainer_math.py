@@ -1,0 +1,212 @@
+"""Plain-torch helpers of the trainer workers: padding, per-token log-probs, work plans, LR schedules.
+
+No Ray and no torch.distributed here, so everything is unit-tested in-process (tests/unit/test_trainer_math.py).
+
+Layout: sequence i is ``prompt_ids[i] + completion_ids[i]``, right-padded to L. Completion token t of row i
+sits at input position P_i + t and is predicted by the logits at P_i + t - 1, so a prompt needs >= 1 token.
+
+Work plan: every rank holds the whole batch, so every rank computes every rank's plan locally and the ranks
+agree without talking. That matters because each FSDP2 forward all-gathers and each synced backward
+reduce-scatters: all ranks must run the same number of forwards/backwards, so short ranks add dummy ones.
+Loss scaling (deviation from a per-rank mean, on purpose): a micro-batch's loss is weighted by
+``world * units_mb / units_minibatch`` with units counted over ALL ranks, so after DDP/FSDP average the
+gradients the step equals one loss over the whole minibatch, independent of world size and micro-batching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from raylign.types import TrainBatch
+
+# What a loss's ``agg`` normalises by: tokens (DAPO), non-empty sequences (GRPO), sequences (Dr.GRPO).
+LOSS_UNITS: dict[str, Callable[[list[int]], float]] = {
+    "token": lambda mask: float(sum(mask)),
+    "sequence": lambda mask: float(sum(mask) > 0),
+    "fixed": lambda mask: 1.0,
+}
+
+
+def check_batch(batch: TrainBatch) -> None:
+    """Raise ValueError on a batch no loss can use; runs on every rank before any collective."""
+    n = len(batch)
+    if n == 0:
+        raise ValueError("empty TrainBatch")
+    if len(batch.completion_ids) != n or len(batch.loss_mask) != n:
+        raise ValueError("prompt_ids, completion_ids and loss_mask must have one entry per sequence")
+    for i, (p, c, m) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.loss_mask)):
+        if not p:
+            raise ValueError(f"sequence {i}: empty prompt (the first completion token needs a context)")
+        if len(m) != len(c):
+            raise ValueError(f"sequence {i}: loss_mask has {len(m)} entries for {len(c)} completion tokens")
+    for name, values in batch.fields.items():
+        if len(values) != n:
+            raise ValueError(f"field {name!r} has {len(values)} entries for {n} sequences")
+
+
+def pad_batch(batch: TrainBatch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for one forward, plus each field as ``_B`` (scalars) or ``_B_T`` (lists, 0-padded).
+
+    Keys: input_ids_B_L, attention_mask_B_L, target_ids_B_T (completion tokens), logit_pos_B_T (input position
+    whose logits predict each target; 0 on padding), valid_B_T (real completion token), mask_B_T (loss_mask),
+    and one entry per ``batch.fields`` name.
+    """
+    B = len(batch)
+    L = max(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+    T = max(1, max(len(c) for c in batch.completion_ids))
+    out = {
+        "input_ids_B_L": torch.full((B, L), pad_id, dtype=torch.long),
+        "attention_mask_B_L": torch.zeros((B, L), dtype=torch.long),
+        "target_ids_B_T": torch.zeros((B, T), dtype=torch.long),
+        "logit_pos_B_T": torch.zeros((B, T), dtype=torch.long),
+        "valid_B_T": torch.zeros((B, T), dtype=torch.bool),
+        "mask_B_T": torch.zeros((B, T), dtype=torch.float32),
+    }
+    for i, (p, c, m) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.loss_mask)):
+        P, C = len(p), len(c)
+        out["input_ids_B_L"][i, :P + C] = torch.tensor(p + c, dtype=torch.long)
+        out["attention_mask_B_L"][i, :P + C] = 1
+        if C:
+            out["target_ids_B_T"][i, :C] = torch.tensor(c, dtype=torch.long)
+            out["logit_pos_B_T"][i, :C] = torch.arange(P - 1, P - 1 + C)
+            out["valid_B_T"][i, :C] = True
+            out["mask_B_T"][i, :C] = torch.tensor(m, dtype=torch.float32)
+    for name, values in batch.fields.items():
+        if values and isinstance(values[0], (list, tuple)):
+            field_B_T = torch.zeros((B, T), dtype=torch.float32)
+            for i, row in enumerate(values):
+                field_B_T[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+            out[name] = field_B_T
+        else:
+            out[name] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(completion token | everything before it) at temperature 1: (B, T), 0 on padding.
+
+    The entropy (B, T) of the same distributions comes back too when asked; it is a metric, so no grad.
+    """
+    input_ids_B_L = tensors["input_ids_B_L"]
+    L = input_ids_B_L.shape[1]
+    pos_B_T, valid_B_T = tensors["logit_pos_B_T"], tensors["valid_B_T"]
+    # Only positions from the earliest completion on are needed: skip the prompt-only logits (B, P, V).
+    first = int(pos_B_T[valid_B_T].min()) if valid_B_T.any() else L - 1
+    keep = L - first
+    out = model(input_ids=input_ids_B_L, attention_mask=tensors["attention_mask_B_L"],
+                use_cache=False, logits_to_keep=keep)
+    logits_B_K_V = out.logits
+    index_B_T = (pos_B_T - first).clamp(0, keep - 1)
+    logits_B_T_V = torch.gather(
+        logits_B_K_V, 1, index_B_T.unsqueeze(-1).expand(-1, -1, logits_B_K_V.shape[-1])).float()
+    target_B_T = tensors["target_ids_B_T"]
+    picked_B_T = torch.gather(logits_B_T_V, -1, target_B_T.unsqueeze(-1)).squeeze(-1)
+    logprobs_B_T = (picked_B_T - torch.logsumexp(logits_B_T_V, dim=-1)) * valid_B_T
+    entropy_B_T = None
+    if with_entropy:
+        with torch.no_grad():
+            logp_B_T_V = torch.log_softmax(logits_B_T_V, dim=-1)
+            entropy_B_T = -(logp_B_T_V.exp() * logp_B_T_V).sum(-1) * valid_B_T
+    return logprobs_B_T, entropy_B_T
+
+
+def micro_batches(batch: TrainBatch, token_budget: int) -> list[list[int]]:
+    """Consecutive groups of sequence indices whose padded size (rows x longest row) fits token_budget.
+
+    The padded rectangle, not the token sum, is what a forward costs in memory. A single sequence longer
+    than the budget forms its own group.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+        length = len(p) + len(c)
+        if current and (len(current) + 1) * max(longest, length) > token_budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    size, extra = divmod(len(indices), parts)
+    bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+    return [indices[bounds[k]:bounds[k + 1]] for k in range(parts)]
+
+
+def work_plan(batch: TrainBatch, world: int, minibatches: int, token_budget: int) -> list[list[list[list[int]]]]:
+    """plan[rank][minibatch] = micro-batches (lists of batch indices) of that rank in that optimizer step.
+
+    Rank r takes sequences r::world; its share is cut into ``minibatches`` consecutive optimizer steps.
+    """
+    plan = []
+    for rank in range(world):
+        mine = list(range(rank, len(batch), world))
+        steps = []
+        for part in _split(mine, minibatches):
+            local = micro_batches(batch.select(part), token_budget) if part else []
+            steps.append([[part[j] for j in group] for group in local])
+        plan.append(steps)
+    return plan
+
+
+def loss_units(batch: TrainBatch, indices: list[int], agg: str) -> float:
+    """How much of the loss normaliser these sequences make up (see LOSS_UNITS)."""
+    if agg not in LOSS_UNITS:
+        raise ValueError(f"unknown agg {agg!r}; expected one of {sorted(LOSS_UNITS)}")
+    return sum(LOSS_UNITS[agg](batch.loss_mask[i]) for i in indices)
+
+
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _linear(progress: float) -> float:
+    return 1.0 - progress
+
+
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {"constant": _constant, "cosine": _cosine, "linear": _linear}
+
+
+def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Factor on the peak LR for optimizer step ``step`` (0-based): linear warm-up, then the decay.
+
+    Warm-up uses (step + 1) / (warmup + 1), so the first step already moves the weights (HF's step / warmup
+    spends it at LR 0). Decay goes from 1 at the end of warm-up to 0 at total_steps, flat after it.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if total_steps is None:
+        raise ValueError(f"lr_schedule {schedule!r} needs total_steps")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return LR_SCHEDULES[schedule](progress)
+
+
+def merge_step_metrics(per_rank: list[dict]) -> dict[str, float]:
+    """Combine the ranks' train_step sums into unit-weighted means (see TrainerWorker.train_step)."""
+    weight = sum(r["weight"] for r in per_rank)
+    keys = sorted({k for r in per_rank for k in r["sums"]})
+    metrics = {k: sum(r["sums"].get(k, 0.0) for r in per_rank) / max(weight, 1e-12) for k in keys}
+    tokens = sum(r["tokens"] for r in per_rank)
+    head = per_rank[0]  # grad norm, LR and step count are the same on every rank
+    metrics.update({
+        "train/grad_norm": sum(head["grad_norms"]) / max(1, len(head["grad_norms"])),
+        "train/lr": sum(head["lrs"]) / max(1, len(head["lrs"])),
+        "train/entropy": sum(r["entropy_sum"] for r in per_rank) / max(tokens, 1e-12),
+        "train/tokens": tokens,
+        "train/optimizer_steps": float(head["optimizer_steps"]),
+    })
+    return metrics

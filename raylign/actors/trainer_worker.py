@@ -1,0 +1,288 @@
+"""The per-worker loop of the policy trainer; runs inside each Ray Train (TorchTrainer) worker.
+
+Ray Train starts the workers and the process group once; ``train_loop_per_worker`` then builds the model
+and serves commands from this rank's queue until ``Stop``, so no command pays the 20-30 s start again.
+Every rank answers every command on the shared reply queue (rank 0 carries the result of single-result
+commands), and a failing command answers with its traceback instead of killing the loop.
+Commands are checked on every rank before the first collective, so a bad command (unknown loss, bad
+batch) fails the same way everywhere and leaves no rank waiting in an all-gather.
+
+Weights: fp32 master copy, AdamW, LambdaLR (trainer_math.lr_multiplier); bf16 compute per the backend
+(train_backends). The optional reference model (``ref_model: trainer``) is a frozen bf16 HF model, not
+sharded, on every rank: reference log-probs need no collectives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raylign.actors import trainer_checkpoint as ckpt
+from raylign.actors.train_backends import TRAIN_BACKENDS, Wrapped
+from raylign.actors.trainer_math import (
+    check_batch,
+    loss_units,
+    lr_multiplier,
+    pad_batch,
+    sequence_logprobs,
+    work_plan,
+)
+from raylign.algorithms.registry import LOSSES
+from raylign.config import ModelConfig, TrainerConfig
+from raylign.models import load_hf_model
+from raylign.types import TrainBatch
+
+READY = -1  # command id of the "model built" reply every rank sends once
+
+
+# ---- commands (driver -> worker) and replies (worker -> driver); small and picklable -------------------
+# A batch travels as an ObjectRef held inside the command: Ray resolves only top-level arguments of
+# Queue.put, so the ref reaches the worker unresolved and each rank fetches it from the object store.
+
+@dataclass
+class Logprobs:
+    batch_ref: Any
+    which: str = "policy"  # or "ref"
+
+
+@dataclass
+class TrainStep:
+    batch_ref: Any
+    loss_name: str
+    loss_kwargs: dict = field(default_factory=dict)
+    minibatches: int = 1
+
+
+@dataclass
+class SaveWeights:
+    path: str
+
+
+@dataclass
+class SaveCheckpoint:
+    dir: str
+
+
+@dataclass
+class LoadCheckpoint:
+    dir: str
+
+
+@dataclass
+class ExportHF:
+    dir: str
+
+
+@dataclass
+class Stop:
+    pass
+
+
+@dataclass
+class Reply:
+    cmd_id: int
+    rank: int
+    ok: bool
+    value: Any = None
+    error: str = ""
+    seconds: float = 0.0  # time the handler ran on this rank
+
+
+@dataclass
+class WorkerSpec:
+    model_path: str
+    model_cfg: ModelConfig
+    cfg: TrainerConfig
+    seed: int
+    total_steps: int | None
+
+
+def _device(cfg: TrainerConfig) -> torch.device:
+    if not cfg.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch  # CUDA only: Ray Train assigned this worker's GPU
+
+    return ray.train.torch.get_device()
+
+
+class TrainerWorker:
+    def __init__(self, spec: WorkerSpec, rank: int, world: int):
+        self.spec, self.cfg, self.rank, self.world = spec, spec.cfg, rank, world
+        torch.manual_seed(spec.seed + rank)
+        random.seed(spec.seed + rank)
+        np.random.seed(spec.seed + rank)
+        self.device = _device(self.cfg)
+        model = load_hf_model(spec.model_path, "float32", spec.model_cfg.trust_remote_code).to(self.device)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.policy: Wrapped = TRAIN_BACKENDS[self.cfg.backend](model, self.cfg)
+        self.optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=self.cfg.lr,
+                                           weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
+            step, self.cfg.lr_schedule, self.cfg.warmup_steps, spec.total_steps))
+        self.ref = None
+        if self.cfg.ref_model == "trainer":
+            self.ref = load_hf_model(spec.model_path, "bfloat16", spec.model_cfg.trust_remote_code).to(self.device)
+            self.ref.eval().requires_grad_(False)
+        self.steps = 0
+        self.handlers = {Logprobs: self.logprobs, TrainStep: self.train_step, SaveWeights: self.save_weights,
+                         SaveCheckpoint: self.save_checkpoint, LoadCheckpoint: self.load_checkpoint,
+                         ExportHF: self.export_hf}
+
+    def _tensors(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in pad_batch(batch, self.pad_id).items()}
+
+    def _dummy_forward(self) -> torch.Tensor:
+        # Keeps this rank in step with ranks that have more micro-batches (FSDP2 all-gathers every forward).
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        return self.policy.model(input_ids=ids, use_cache=False).logits
+
+    def logprobs(self, cmd: Logprobs) -> dict[int, list[float]]:
+        if cmd.which not in ("policy", "ref"):
+            raise ValueError(f"which must be 'policy' or 'ref', got {cmd.which!r}")
+        if cmd.which == "ref" and self.ref is None:
+            raise ValueError(f"no reference model in the trainer (trainer.ref_model={self.cfg.ref_model!r})")
+        batch: TrainBatch = ray.get(cmd.batch_ref)
+        check_batch(batch)
+        plan = [steps[0] for steps in work_plan(batch, self.world, 1, self.cfg.micro_batch_tokens)]
+        mine = plan[self.rank]
+        # The unsharded reference needs no lockstep; the policy does (see _dummy_forward).
+        rounds = len(mine) if cmd.which == "ref" else max(len(p) for p in plan)
+        model = self.ref if cmd.which == "ref" else self.policy.model
+        model.eval()
+        out: dict[int, list[float]] = {}
+        with torch.no_grad(), self.policy.compute():
+            for k in range(rounds):
+                if k >= len(mine):
+                    self._dummy_forward()
+                    continue
+                logprobs_B_T, _ = sequence_logprobs(model, self._tensors(batch.select(mine[k])))
+                for row, i in enumerate(mine[k]):
+                    out[i] = logprobs_B_T[row, :len(batch.completion_ids[i])].float().cpu().tolist()
+        return out
+
+    def train_step(self, cmd: TrainStep) -> dict:
+        """One optimizer step per minibatch. Returns this rank's sums; merge_step_metrics averages them."""
+        if cmd.loss_name not in LOSSES:
+            raise ValueError(f"unknown loss_name {cmd.loss_name!r}; expected one of {sorted(LOSSES)}")
+        if cmd.minibatches < 1:
+            raise ValueError(f"minibatches must be >= 1, got {cmd.minibatches}")
+        batch: TrainBatch = ray.get(cmd.batch_ref)
+        check_batch(batch)
+        # A missing field or misspelt kwarg must fail here, on every rank, not inside a micro-batch while a
+        # rank with only dummy work waits in a reduce-scatter.
+        try:
+            inspect.signature(LOSSES[cmd.loss_name]).bind(
+                logprobs_B_T=None, mask_B_T=None, **dict.fromkeys(batch.fields), **cmd.loss_kwargs)
+        except TypeError as e:
+            raise TypeError(f"loss {cmd.loss_name!r}: {e} (batch fields {sorted(batch.fields)}, "
+                            f"loss_kwargs {sorted(cmd.loss_kwargs)})") from None
+        agg = cmd.loss_kwargs.get("agg", "token")
+        plan = work_plan(batch, self.world, cmd.minibatches, self.cfg.micro_batch_tokens)
+        stats = {"sums": {}, "weight": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "grad_norms": [], "lrs": []}
+        self.policy.model.train()
+        for step in range(cmd.minibatches):
+            groups = [plan[r][step] for r in range(self.world)]
+            rounds = max(len(g) for g in groups)
+            if rounds == 0:
+                continue  # fewer sequences than minibatches: no rank has work for this step
+            total = sum(loss_units(batch, mb, agg) for g in groups for mb in g)
+            self.optimizer.zero_grad(set_to_none=True)
+            mine = groups[self.rank]
+            for k in range(rounds):
+                with self.policy.grad_sync(k == rounds - 1):
+                    if k < len(mine):
+                        units = loss_units(batch, mine[k], agg)
+                        scale = self.world * units / total if total > 0 else 0.0
+                        self._micro_step(batch.select(mine[k]), cmd, scale, units, stats)
+                    else:
+                        with self.policy.compute():
+                            loss = self._dummy_forward().sum() * 0.0
+                        loss.backward()
+            self._optimizer_step(stats)
+        stats["optimizer_steps"] = self.steps
+        return stats
+
+    def _micro_step(self, batch: TrainBatch, cmd: TrainStep, scale: float, units: float, stats: dict) -> None:
+        tensors = self._tensors(batch)
+        fields = {name: tensors[name] for name in batch.fields}
+        with self.policy.compute():
+            logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True)
+            loss, metrics = LOSSES[cmd.loss_name](logprobs_B_T=logprobs_B_T, mask_B_T=tensors["mask_B_T"],
+                                                  **fields, **cmd.loss_kwargs)
+        (loss * scale).backward()
+        metrics = {**metrics, "loss/total": loss.item()}
+        for key, value in metrics.items():
+            stats["sums"][key] = stats["sums"].get(key, 0.0) + units * float(value)
+        stats["weight"] += units
+        stats["entropy_sum"] += float((entropy_B_T * tensors["mask_B_T"]).sum())
+        stats["tokens"] += float(tensors["mask_B_T"].sum())
+
+    def _optimizer_step(self, stats: dict) -> None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
+        stats["grad_norms"].append(float(grad_norm))
+        stats["lrs"].append(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps += 1
+
+    def save_weights(self, cmd: SaveWeights) -> None:
+        ckpt.save_weights(self.policy, cmd.path, self.rank)
+
+    def export_hf(self, cmd: ExportHF) -> None:
+        ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank)
+
+    def save_checkpoint(self, cmd: SaveCheckpoint) -> None:
+        ckpt.save_trainer_checkpoint(self, cmd.dir)
+
+    def load_checkpoint(self, cmd: LoadCheckpoint) -> None:
+        ckpt.load_trainer_checkpoint(self, cmd.dir)
+
+    def run(self, cmd_id: int, cmd: Any) -> Reply:
+        started = time.perf_counter()
+        try:
+            handler = self.handlers.get(type(cmd))
+            if handler is None:
+                raise TypeError(f"unknown trainer command {type(cmd).__name__}")
+            value = handler(cmd)
+        except Exception as e:  # the driver re-raises it; this loop keeps serving
+            return Reply(cmd_id, self.rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                         seconds=time.perf_counter() - started)
+        return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: build, say READY, then serve commands until Stop."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    commands, replies = config["command_queues"][rank], config["reply_queue"]
+    try:
+        try:
+            worker = TrainerWorker(config["spec"], rank, world)
+        except Exception as e:
+            replies.put(Reply(READY, rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            raise
+        replies.put(Reply(READY, rank, True))
+        while True:
+            cmd_id, cmd = commands.get()
+            if isinstance(cmd, Stop):
+                replies.put(Reply(cmd_id, rank, True))
+                return
+            replies.put(worker.run(cmd_id, cmd))
+    finally:
+        # Ray Train destroys the group too but checks is_initialized() first, so this is not a double destroy.
+        if dist.is_initialized():
+            dist.destroy_process_group()

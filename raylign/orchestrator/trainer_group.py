@@ -1,0 +1,219 @@
+"""Driver-side handle on the policy trainer: N Ray Train workers that stay alive and serve commands.
+
+``TorchTrainer.fit()`` blocks until the workers' loop returns, so it runs in a daemon thread; the driver
+talks to the workers through Ray queues (one command queue per rank, one shared reply queue). A command
+goes to every rank and returns when every rank has replied, or raises ``TrainerCommandError`` carrying the
+worker traceback; the workers keep serving after an error. If the workers die (fit() returns or raises),
+a waiting call raises ``TrainerGroupError`` within POLL_S instead of hanging.
+
+Resources: num_workers x num_cpus_per_worker logical CPUs (+1 GPU each with use_gpu) in a placement group;
+the queues and Ray Train's controller take 0 CPUs. Ray Train writes its run folder under ``storage_dir``.
+Commands are serialised by a lock (one in flight). ``shutdown()`` (or ``with TrainerGroup(...)``) stops
+the workers, which destroy their process group, and joins the fit thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue as std_queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from raylign.actors.trainer_math import merge_step_metrics
+from raylign.actors.trainer_worker import (
+    READY,
+    ExportHF,
+    LoadCheckpoint,
+    Logprobs,
+    Reply,
+    SaveCheckpoint,
+    SaveWeights,
+    Stop,
+    TrainStep,
+    WorkerSpec,
+    train_loop_per_worker,
+)
+from raylign.config import ModelConfig, TrainerConfig
+from raylign.types import TrainBatch
+
+POLL_S = 1.0  # how often a waiting call checks that the workers are still alive
+ERROR_GRACE_S = 30.0  # after one rank failed, how long to wait for the others before declaring the group stuck
+
+
+class TrainerCommandError(RuntimeError):
+    """A command failed on one or more workers; the message holds the first worker traceback."""
+
+
+class TrainerGroupError(RuntimeError):
+    """The workers are gone or stuck; the group cannot serve more commands."""
+
+
+class TrainerGroup:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig, seed: int, storage_dir: str,
+                 total_steps: int | None = None, command_timeout_s: float | None = None):
+        """Start the workers and wait until each has built its model (raises if one fails to).
+
+        total_steps: optimizer steps of the whole run; needed by the cosine/linear LR schedules.
+        command_timeout_s: give up on a command after this long (None: wait while the workers live).
+        """
+        if cfg.lr_schedule != "constant" and total_steps is None:
+            raise ValueError(f"trainer.lr_schedule={cfg.lr_schedule!r} needs total_steps")
+        self.cfg, self.world = cfg, cfg.num_workers
+        self.command_timeout_s = command_timeout_s
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # one command in flight: replies of a second one would be dropped
+        self._broken: str | None = None
+        self._closed = False
+        self._fit_error: BaseException | None = None
+        self.last_timing: dict[str, float] = {}  # of the last command: round trip vs slowest rank's handler
+        # Queues are tiny actors; 0 CPUs so they never compete with the workers for logical CPUs.
+        self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.world)]
+        self._replies = Queue(actor_options={"num_cpus": 0})
+        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps)
+        self._trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},
+            scaling_config=ScalingConfig(num_workers=self.world, use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": cfg.num_cpus_per_worker}),
+            run_config=RunConfig(name=f"trainer-{uuid.uuid4().hex[:8]}", storage_path=storage_dir,
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        started = time.monotonic()
+        self._thread = threading.Thread(target=self._fit, name="raylign-trainer-fit", daemon=True)
+        self._thread.start()
+        try:
+            self._collect(READY, "start")
+            # The first command pays one-off costs (FSDP lazy init, first object fetch, queue paths: ~3-6 s);
+            # pay them here so start_s holds them and step timings do not.
+            self.logprobs(TrainBatch([[0]], [[0]], [[1]]))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.start_s = time.monotonic() - started
+
+    def _fit(self) -> None:
+        try:
+            self._trainer.fit()
+        except BaseException as e:  # surfaced by the next waiting call
+            self._fit_error = e
+
+    # ---- commands ----------------------------------------------------------------------------------------
+
+    def logprobs(self, batch: TrainBatch | ray.ObjectRef, which: str = "policy") -> list[list[float]]:
+        """Per sequence, in batch order: log p of each completion token (temperature 1)."""
+        batch_ref = self._put(batch)
+        per_rank: list[dict[int, list[float]]] = self._call(Logprobs(batch_ref, which))
+        merged = {i: lp for part in per_rank for i, lp in part.items()}
+        return [merged[i] for i in range(len(merged))]
+
+    def train_step(self, batch: TrainBatch | ray.ObjectRef, loss_name: str, loss_kwargs: dict | None = None,
+                   minibatches: int = 1) -> dict[str, float]:
+        """``minibatches`` optimizer steps on the batch; loss metrics are averaged over micro-batches and ranks
+        weighted by loss units (tokens for agg=token), plus train/grad_norm, train/lr (means over the steps),
+        train/entropy (token mean), train/tokens (loss-masked tokens) and train/optimizer_steps (cumulative)."""
+        per_rank = self._call(TrainStep(self._put(batch), loss_name, dict(loss_kwargs or {}), minibatches))
+        return merge_step_metrics(per_rank)
+
+    def save_weights(self, path: str) -> float:
+        """Write one bf16 safetensors file (HF names, lm_head included) atomically; returns seconds taken."""
+        started = time.monotonic()
+        self._call(SaveWeights(str(path)))
+        return time.monotonic() - started
+
+    def save_checkpoint(self, dir: str) -> None:
+        """Write the trainer's part of a checkpoint (trainer_* files) into an existing or new folder."""
+        self._call(SaveCheckpoint(str(dir)))
+
+    def load_checkpoint(self, dir: str) -> None:
+        self._call(LoadCheckpoint(str(dir)))
+
+    def export_hf(self, dir: str) -> None:
+        """A plain HF folder (config, model.safetensors, tokenizer) loadable by transformers and vLLM."""
+        self._call(ExportHF(str(dir)))
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop the workers (they destroy their process group), join fit(), remove the queues. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive() and self._broken is None:
+            try:
+                self._send(Stop(), timeout_s)
+            except (TrainerCommandError, TrainerGroupError):
+                pass  # the workers are already gone; joining below is all that is left
+        self._thread.join(timeout_s)
+        for q in [*self._commands, self._replies]:
+            q.shutdown()
+
+    def __enter__(self) -> TrainerGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- plumbing ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _put(batch: TrainBatch | ray.ObjectRef) -> ray.ObjectRef:
+        # One copy in the object store however many ranks read it; pass a ref to reuse it across calls.
+        return batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
+
+    def _call(self, cmd: Any) -> list[Any]:
+        if self._closed:
+            raise TrainerGroupError("the trainer group is shut down")
+        if self._broken is not None:
+            raise TrainerGroupError(self._broken)
+        return self._send(cmd, self.command_timeout_s)
+
+    def _send(self, cmd: Any, timeout_s: float | None) -> list[Any]:
+        with self._lock:
+            cmd_id, started = next(self._ids), time.monotonic()
+            for q in self._commands:
+                q.put((cmd_id, cmd))
+            values = self._collect(cmd_id, type(cmd).__name__, timeout_s)
+        self.last_timing = {"round_trip_s": time.monotonic() - started, "worker_s": self._last_worker_s}
+        return values
+
+    def _collect(self, cmd_id: int, what: str, timeout_s: float | None = None) -> list[Any]:
+        """Every rank's value for cmd_id, in rank order; raises instead of waiting on dead or stuck workers."""
+        replies: dict[int, Reply] = {}
+        started, failed_at = time.monotonic(), None
+        while len(replies) < self.world:
+            try:
+                reply: Reply = self._replies.get(timeout=POLL_S)
+            except (Empty, std_queue.Empty):
+                self._check_alive(what, started, failed_at, timeout_s, replies)
+                continue
+            if reply.cmd_id != cmd_id:
+                continue  # a late reply to a command given up on earlier
+            replies[reply.rank] = reply
+            if not reply.ok and failed_at is None:
+                failed_at = time.monotonic()
+        self._last_worker_s = max(r.seconds for r in replies.values())
+        errors = [r for r in replies.values() if not r.ok]
+        if errors:
+            ranks = ", ".join(str(r.rank) for r in sorted(errors, key=lambda r: r.rank))
+            raise TrainerCommandError(f"{what} failed on rank(s) {ranks}:\n{min(errors, key=lambda r: r.rank).error}")
+        return [replies[r].value for r in range(self.world)]
+
+    def _check_alive(self, what: str, started: float, failed_at: float | None, timeout_s: float | None,
+                     replies: dict[int, Reply]) -> None:
+        now = time.monotonic()
+        if not self._thread.is_alive():
+            self._broken = f"trainer workers exited during {what}: {self._fit_error!r}"
+        elif failed_at is not None and now - failed_at > ERROR_GRACE_S:
+            first = next(r for r in replies.values() if not r.ok)
+            silent = sorted(set(range(self.world)) - set(replies))
+            self._broken = (f"{what} failed on rank {first.rank} and ranks {silent} did not answer within "
+                            f"{ERROR_GRACE_S:.0f}s (stuck in a collective?):\n{first.error}")
+        elif timeout_s is not None and now - started > timeout_s:
+            self._broken = f"{what} took longer than {timeout_s:.0f}s"
+        if self._broken is not None:
+            raise TrainerGroupError(self._broken)
