@@ -13,14 +13,18 @@ import types
 from raylign.config import Config, load_config
 
 
-def train(config: Config | str, overrides: list[str] | None = None, resume: bool = False) -> dict:
-    """Run training from a Config or a preset path (+ dotted overrides); returns the run summary."""
+def train(config: Config | str, overrides: list[str] | None = None, resume: bool = False, reward_fn=None) -> dict:
+    """Run training from a Config or a preset path (+ dotted overrides); returns the run summary.
+
+    ``reward_fn(problem, completion) -> Score`` replaces the env's reward (Python API only): it is pickled by
+    value into the reward actors, so a closure or a function defined in your script works.
+    """
     from raylign.orchestrator.train_loop import train as run
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if resume:
         cfg.train.resume = "auto"
-    return run(cfg)
+    return run(cfg, reward_fn=reward_fn)
 
 
 def main(argv: list[str] | None = None) -> int:

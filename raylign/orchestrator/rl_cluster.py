@@ -21,7 +21,7 @@ from raylign.types import Completion, TrainBatch
 
 
 class RayCluster:
-    def __init__(self, cfg: Config, model_path: str, tokenizer, run_id: str, storage_dir: str):
+    def __init__(self, cfg: Config, model_path: str, tokenizer, run_id: str, storage_dir: str, reward_fn=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.timer = PhaseTimer()
@@ -35,7 +35,7 @@ class RayCluster:
             self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
                                         total_steps=optimizer_steps)
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
-            self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward)
+            self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn)
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
         for p in problems:

@@ -55,7 +55,7 @@ def _trim_rollouts(path: Path, before_step: int) -> None:
         path.write_text("".join(row + "\n" for row in rows))
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, reward_fn=None) -> dict:
     """The whole training run; bad config, data or model names fail before Ray starts."""
     started = time.perf_counter()
     env = make_env(cfg.env, cfg.dataset)
@@ -75,7 +75,7 @@ def train(cfg: Config) -> dict:
     try:
         with ray_cluster(cfg.ray):
             cluster = RayCluster(cfg, model_path, tokenizer, run_id=tracker.run_id or out_dir.name,
-                                 storage_dir=str((out_dir / "ray_train").absolute()))
+                                 storage_dir=str((out_dir / "ray_train").absolute()), reward_fn=reward_fn)
             try:
                 summary = _loop(cfg, cluster, stream, eval_problems, tracker, out_dir, ckpt, state)
             finally:

@@ -16,13 +16,13 @@ from raylign.algorithms.protocol import completions_batch
 from raylign.envs import make_env
 from raylign.models import load_tokenizer
 from raylign.orchestrator.rl_cluster import RayCluster
-from tests.integration.helpers import tiny_config
+from tests.integration.helpers import tiny_config, vowel_reward
 
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model, tmp_path_factory):
     cfg = tiny_config(tiny_model, tmp_path_factory.mktemp("c"))
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="itest",
-                    storage_dir=str(tmp_path_factory.mktemp("ray_train")))
+                    storage_dir=str(tmp_path_factory.mktemp("ray_train")), reward_fn=vowel_reward)
     yield cfg, rc
     rc.shutdown()
 

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 import raylign
 from raylign.models import load_tokenizer
-from tests.integration.helpers import tiny_config
+from tests.integration.helpers import tiny_config, vowel_reward
 
 
 def test_grpo_run_logs_everything(ray_session, tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tiny_model, tmp_path, f"output_dir={tmp_path}/run", "train.steps=2")
-    summary = raylign.train(cfg)
+    summary = raylign.train(cfg, reward_fn=vowel_reward)
     assert summary["steps"] == 2 and summary["policy_version"] == 2
     assert 0 <= summary["eval_before"]["accuracy"] <= 1 and 0 <= summary["eval_after"]["accuracy"] <= 1
     assert {"generate", "score", "train", "sync"} <= set(summary["timing"]) and summary["tokens_generated"] > 0
@@ -40,11 +40,12 @@ def test_grpo_run_logs_everything(ray_session, tiny_model, tmp_path, monkeypatch
 
 def test_resume_matches_an_uninterrupted_run(ray_session, tiny_model, tmp_path):
     straight = raylign.train(tiny_config(tiny_model, tmp_path, f"output_dir={tmp_path}/a", "train.steps=4",
-                                         "train.eval_before=false", "train.eval_after=false"))
+                                         "train.eval_before=false", "train.eval_after=false"), reward_fn=vowel_reward)
     common = [f"output_dir={tmp_path}/b", "train.eval_before=false", "train.eval_after=false"]
-    first = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=2"))
+    first = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=2"), reward_fn=vowel_reward)
     assert first["policy_version"] == 2
-    resumed = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=4", "train.resume=auto"))
+    resumed = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=4", "train.resume=auto"),
+                            reward_fn=vowel_reward)
     assert resumed["policy_version"] == 4 and resumed["mlflow_run_id"] == first["mlflow_run_id"]
     a = load_file(f"{straight['final_model_dir']}/model.safetensors")
     b = load_file(f"{resumed['final_model_dir']}/model.safetensors")
