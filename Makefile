@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/raylign eval configs/eval_arith.yaml output_dir=runs/demo
+	$(BIN)/raylign train configs/grpo_arith.yaml output_dir=runs/demo
 
 test: setup
 	$(BIN)/python -m pytest tests -q -rs

@@ -108,7 +108,19 @@ def gather_model_state(wrapped: Wrapped) -> dict[str, torch.Tensor]:
 
 def scatter_model_state(wrapped: Wrapped, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict given on rank 0 (others pass {}) into every rank's shard. Collective."""
+    _reshard(wrapped.model)
     set_model_state_dict(wrapped.model, state, options=_SCATTER)
+
+
+def _reshard(model: nn.Module) -> None:
+    # FSDP2 keeps the root's parameters unsharded after a no-grad forward (a logprobs call); loading a state
+    # dict then meets plain tensors where it expects DTensor shards. Resharding first makes every layout
+    # the sharded one. No-op for DDP.
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def gather_optimizer_state(wrapped: Wrapped, optimizer: torch.optim.Optimizer) -> dict:

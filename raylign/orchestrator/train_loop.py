@@ -51,7 +51,7 @@ def rollout_records(step: int, problems: list[Problem], out: StepOutput) -> list
 def _trim_rollouts(path: Path, before_step: int) -> None:
     """On resume, drop rows the interrupted run wrote after its last checkpoint."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < before_step]
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= before_step]
         path.write_text("".join(row + "\n" for row in rows))
 
 
