@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +24,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def head_node(tmp_path):
+def head_node():
     gcs, dash = _free_port(), _free_port()
+    # Ray's unix sockets live under --temp-dir and must stay under ~107 characters: keep the path short.
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # --block keeps the head in this process group, so the test stops exactly this cluster (never `ray stop`,
@@ -31,8 +35,8 @@ def head_node(tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=8", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(f"{temp_dir}.log", "w"), start_new_session=True)
     deadline = time.time() + 90
     while time.time() < deadline:
         with socket.socket() as s:
@@ -41,13 +45,14 @@ def head_node(tmp_path):
         time.sleep(1)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray head did not start within 90 s")
+        pytest.fail(f"ray head did not start within 90 s: {Path(f'{temp_dir}.log').read_text()[-2000:]}")
     yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_runs_training(head_node, tiny_model, tmp_path):
