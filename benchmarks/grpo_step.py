@@ -136,7 +136,8 @@ def main() -> None:
     if args.part:
         print("RESULT " + json.dumps({"raylign": part_raylign, "trl": part_trl}[args.part]()))
         return
-    result = summarise(run_part("raylign"), run_part("trl"))
+    trl = run_part("trl")  # first: the part most likely to break on a TRL API change
+    result = summarise(run_part("raylign"), trl)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "grpo_step.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2))

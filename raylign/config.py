@@ -86,7 +86,7 @@ class TrainerConfig(_Section):
     micro_batch_tokens: int = Field(4096, ge=64, description="token budget of one forward/backward (grad accumulation)")
     bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    ref_model: Literal["none", "trainer", "actor"] = Field("trainer", description="where the frozen reference model for KL lives")
+    ref_model: Literal["none", "trainer"] = Field("trainer", description="frozen reference model for KL: none, or a bf16 copy in each trainer worker")
     weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
 
 
@@ -152,7 +152,7 @@ class Config(_Section):
         if self.algorithm.name in ("grpo", "rloo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
         if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
-            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model to trainer or actor")
+            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer")
         return self
 
     def resolved_output_dir(self) -> Path:
