@@ -35,19 +35,6 @@ class Completion:
 
 
 @dataclass
-class Rollout:
-    """A scored completion of one problem, as logged and later trained on."""
-
-    problem_id: str
-    sample_index: int
-    completion: Completion
-    reward: float
-    correct: bool
-    prediction: str | None
-    info: dict = field(default_factory=dict)
-
-
-@dataclass
 class TrainBatch:
     """Sequences to train on, as the generator produced them, plus per-sequence or per-token fields.
 

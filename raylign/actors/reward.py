@@ -22,7 +22,7 @@ from raylign.envs.base import Problem, Score
 RewardFn = Callable[[Problem, str], Score]
 
 
-def _failed(event: str, detail: str = "") -> Score:
+def failed_score(event: str, detail: str = "") -> Score:
     return Score(reward=0.0, correct=False, prediction=None, format_ok=False, info={"reward_event": event, "detail": detail})
 
 
@@ -48,13 +48,13 @@ class RewardActor:
             self.events["timeout"] += 1
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = ThreadPoolExecutor(max_workers=4)
-            return _failed("timeout", f"{problem.id}: reward took over {self.timeout_s}s")
+            return failed_score("timeout", f"{problem.id}: reward took over {self.timeout_s}s")
         except Exception as e:  # noqa: BLE001 - any reward bug must cost one sample, not the run
             self.events["error"] += 1
-            return _failed("error", f"{problem.id}: {type(e).__name__}: {e}")
+            return failed_score("error", f"{problem.id}: {type(e).__name__}: {e}")
         if not isinstance(score, Score) or not math.isfinite(score.reward):
             self.events["nan"] += 1
-            return _failed("nan", f"{problem.id}: reward returned {getattr(score, 'reward', score)!r}")
+            return failed_score("nan", f"{problem.id}: reward returned {getattr(score, 'reward', score)!r}")
         return score
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raylign.actors.reward import RewardActor, RewardFn, _failed
+from raylign.actors.reward import RewardActor, RewardFn, failed_score
 from raylign.config import DatasetConfig, EnvConfig, RewardConfig
 from raylign.envs.base import Problem, Score
 
@@ -37,7 +37,7 @@ class RewardPool:
                 self.failures["actor_failures"] += 1
                 ray.kill(self.actors[i])
                 self.actors[i] = self._start()
-                scored.append([_failed("actor_failure", type(e).__name__) for _ in part])
+                scored.append([failed_score("actor_failure", type(e).__name__) for _ in part])
         out: list[Score] = [None] * len(items)  # type: ignore[list-item]
         for i, part_scores in enumerate(scored):
             out[i::n] = part_scores
