@@ -12,10 +12,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parts import run_part  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS, NEW_TOKENS = 64, 128
@@ -100,15 +102,6 @@ PARTS = {"bare": part_bare, "actor": lambda: part_actor("vllm"), "hf": lambda: p
          "gemm": part_gemm, "params": part_params}
 
 
-def run_part(name: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--part", name], capture_output=True, text=True,
-                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"part {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=sorted(PARTS))
@@ -116,7 +109,7 @@ def main() -> None:
     if args.part:
         print("RESULT " + json.dumps(PARTS[args.part]()))
         return
-    parts = {name: run_part(name) for name in ["params", "gemm", "bare", "actor", "hf"]}
+    parts = {name: run_part(__file__, name) for name in ["params", "gemm", "bare", "actor", "hf"]}
     params, gemm = parts["params"]["params"], parts["gemm"]["flops"]
     result = {
         "model": "smollm2-135m-instruct", "dtype": "bfloat16", "prompts": PROMPTS, "new_tokens": NEW_TOKENS,

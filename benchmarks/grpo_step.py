@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parts import run_part  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = int(os.environ.get("RAYLIGN_BENCH_STEPS", "5"))
@@ -98,15 +100,6 @@ def part_trl() -> dict:
     return {"step_s": times, "rewards": rewards}
 
 
-def run_part(name: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--part", name], capture_output=True, text=True,
-                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"part {name} failed:\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def summarise(ours: dict, trl: dict) -> dict:
     timed = ours["steps"][1:] or ours["steps"]  # step 1 warms caches; report steady state
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -136,8 +129,8 @@ def main() -> None:
     if args.part:
         print("RESULT " + json.dumps({"raylign": part_raylign, "trl": part_trl}[args.part]()))
         return
-    trl = run_part("trl")  # first: the part most likely to break on a TRL API change
-    result = summarise(run_part("raylign"), trl)
+    trl = run_part(__file__, "trl")  # first: the part most likely to break on a TRL API change
+    result = summarise(run_part(__file__, "raylign"), trl)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "grpo_step.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2))

@@ -223,3 +223,24 @@ def math_equal(pred: str | None, truth: str | None) -> bool:
         return False
     except Exception:
         return False
+
+
+def score_reply(completion: str, truth: str, extract, equal, source: str, lenient: bool = False):
+    """The shared 1.0 / 0.1 / 0.0 rule: 1.0 right, 0.1 the required format with a wrong answer, 0 no format.
+
+    ``extract`` reads the answer in the env's required format (Final line, \\boxed{}); ``lenient`` falls
+    back to the last number, which can earn 1.0 but never the format credit.
+    """
+    from raylign.envs.base import Score
+
+    prediction = extract(completion)
+    info = {"length": len(completion or ""), "source": source if prediction is not None else None}
+    if prediction is not None:
+        correct = equal(prediction, truth)
+        return Score(1.0 if correct else 0.1, correct, prediction, True, info)
+    if lenient:
+        prediction = extract_last_number(completion)
+        correct = equal(prediction, truth)
+        info["source"] = "last_number" if prediction is not None else None
+        return Score(1.0 if correct else 0.0, correct, prediction, False, info)
+    return Score(0.0, False, None, False, info)

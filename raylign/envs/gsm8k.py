@@ -10,7 +10,7 @@ right -> 1.0 with ``format_ok=False``, wrong -> 0.0 (no format credit to give).
 from __future__ import annotations
 
 from raylign.config import DatasetConfig, EnvConfig
-from raylign.envs.answers import extract_final, extract_gsm8k_truth, extract_last_number, numbers_equal
+from raylign.envs.answers import extract_final, extract_gsm8k_truth, numbers_equal, score_reply
 from raylign.envs.base import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
 
@@ -23,22 +23,11 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 LOCAL_HINT = "../shared/data/gsm8k/test.jsonl"
-CORRECT, FORMAT_ONLY = 1.0, 0.1
 
 
 def score_final(completion: str, truth: str, lenient: bool = False) -> Score:
     """Score a reply against a numeric ground truth read from its last "Final:" line."""
-    prediction = extract_final(completion)
-    info = {"length": len(completion or ""), "source": "final" if prediction is not None else None}
-    if prediction is not None:
-        correct = numbers_equal(prediction, truth)
-        return Score(CORRECT if correct else FORMAT_ONLY, correct, prediction, True, info)
-    if lenient:
-        prediction = extract_last_number(completion)
-        correct = numbers_equal(prediction, truth)
-        info["source"] = "last_number" if prediction is not None else None
-        return Score(CORRECT if correct else 0.0, correct, prediction, False, info)
-    return Score(0.0, False, None, False, info)
+    return score_reply(completion, truth, extract_final, numbers_equal, "final", lenient)
 
 
 class Gsm8kEnv:

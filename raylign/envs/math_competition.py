@@ -10,7 +10,7 @@ Records use ``problem`` for the question; the default ``question_key`` ("questio
 from __future__ import annotations
 
 from raylign.config import DatasetConfig, EnvConfig
-from raylign.envs.answers import extract_boxed, extract_last_number, math_equal
+from raylign.envs.answers import extract_boxed, math_equal, score_reply
 from raylign.envs.base import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
 
@@ -20,23 +20,12 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 HUB_ID = "HuggingFaceH4/MATH-500"
 LOCAL_HINT = "../shared/data/math500/test.jsonl"
-CORRECT, FORMAT_ONLY = 1.0, 0.1
 _META_KEYS = ("subject", "level", "unique_id", "type")
 
 
 def score_boxed(completion: str, truth: str, lenient: bool = False) -> Score:
     """Score a reply by its last \\boxed{} answer (or, when lenient and unboxed, its last number)."""
-    prediction = extract_boxed(completion)
-    info = {"length": len(completion or ""), "source": "boxed" if prediction is not None else None}
-    if prediction is not None:
-        correct = math_equal(prediction, truth)
-        return Score(CORRECT if correct else FORMAT_ONLY, correct, prediction, True, info)
-    if lenient:
-        prediction = extract_last_number(completion)
-        correct = math_equal(prediction, truth)
-        info["source"] = "last_number" if prediction is not None else None
-        return Score(CORRECT if correct else 0.0, correct, prediction, False, info)
-    return Score(0.0, False, None, False, info)
+    return score_reply(completion, truth, extract_boxed, math_equal, "boxed", lenient)
 
 
 def _ground_truth(record: dict, answer_key: str, source: str, row: int) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.envs import make_env
 from raylign.envs.base import Problem, Score
@@ -71,8 +72,6 @@ def run_eval(cfg: Config) -> dict:
     problems = env.problems(cfg.dataset.split)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    from raylign.chat import encode_chat
-
     prompts_ids = [encode_chat(tokenizer, p.messages) for p in problems]
     out_dir = cfg.resolved_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,11 @@ class RayCluster:
     def score(self, problems: list[Problem], groups: list[list[Completion]]) -> list[list[Score]]:
         with self.timer.phase("score"):
             flat = self.rewards.score([(p, c.text) for p, g in zip(problems, groups, strict=True) for c in g])
-        sizes = [len(g) for g in groups]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [flat[s:s + n] for s, n in zip(starts, sizes, strict=True)]
+        out, start = [], 0
+        for group in groups:
+            out.append(flat[start:start + len(group)])
+            start += len(group)
+        return out
 
     def logprobs(self, batch: TrainBatch, which: str = "policy") -> list[list[float]]:
         with self.timer.phase("logprobs" if which == "policy" else "ref_logprobs"):
