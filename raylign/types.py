@@ -32,6 +32,10 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     policy_version: int = 0
     replica: int = 0
+    # Multi-turn episodes: 1 on tokens the policy wrote, 0 on tool output spliced in (None = all 1), and
+    # what the episode did (tool calls, retrieved ids, turns); single-turn completions leave both unset.
+    loss_mask: list[int] | None = None
+    info: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -25,6 +25,20 @@ class Cluster(Protocol):
     def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
         """One pass of optimizer steps over ``batch`` with a registered loss; returns metrics."""
 
+    def continue_from(self, prefixes: list[list[int]], n: int, temperature: float,
+                      max_new_tokens: int | None = None) -> list[list[Completion]]:
+        """n continuations of each token-id prefix (prompt + partial response) from the current policy.
+
+        All n continuations of one prefix go to one replica (its prefix cache serves them); token_ids hold only
+        the new tokens. Used for Monte Carlo value estimates; never trained on.
+        """
+
+    def token_pieces(self, token_ids: list[list[int]]) -> list[list[str]]:
+        """The text each token adds, decoded in context: ''.join(pieces) == tokenizer.decode(ids)."""
+
+    def values(self, batch: TrainBatch) -> list[list[float]]:
+        """The critic's V(s_t) for each completion token t (the state before token t is emitted)."""
+
     def sync_weights(self) -> dict[str, float]:
         """Push the trainer's weights to every generator; the policy version goes up by one."""
 
@@ -35,5 +49,5 @@ def completions_batch(groups: list[list[Completion]]) -> TrainBatch:
     return TrainBatch(
         prompt_ids=[c.prompt_ids for c in flat],
         completion_ids=[c.token_ids for c in flat],
-        loss_mask=[getattr(c, "loss_mask", None) or [1] * len(c.token_ids) for c in flat],
+        loss_mask=[c.loss_mask if c.loss_mask is not None else [1] * len(c.token_ids) for c in flat],
     )

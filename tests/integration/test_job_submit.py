@@ -55,6 +55,20 @@ def head_node():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still registering.
+
+    The dashboard port opens before the node's dashboard agent has joined; a submit in that window fails
+    with "No available agent to submit job, please try again later" (seen in CI), so retry that one error.
+    """
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 def test_job_submit_runs_training(head_node, tiny_model, tmp_path):
     out = tmp_path / "job-run"
     env = {**head_node["env"], "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": head_node["dashboard"]}
@@ -63,7 +77,7 @@ def test_job_submit_runs_training(head_node, tiny_model, tmp_path):
            "train.steps=1", "algorithm.prompts_per_step=2", "algorithm.group_size=2", "train.eval_limit=2",
            "generator.max_new_tokens=6", "generator.kv_cache_gb=0.25", "trainer.micro_batch_tokens=512",
            f"output_dir={out}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = _submit(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
