@@ -9,6 +9,8 @@ broadcast over its tokens, or per token (B, T) from GAE. One on-policy step (old
 has rho = 1 and no clipping, so the gradient is plain REINFORCE: -A grad log pi / normaliser.
 The loss is minimised: a positive advantage raises the log-probability of its tokens.
 Value loss: PPO2's clipped value objective 0.5 max((V - R)^2, (V_clip - R)^2) (as in TRL / OpenAI baselines).
+PPO (eq. 9): ``ppo_loss`` = clipped policy loss + vf_coef * value loss - entropy_coef * entropy, entropy
+aggregated like the policy term; the value term is always a token mean (PPO2 / TRL), whatever ``agg`` says.
 "KL in the reward" (InstructGPT, Ouyang et al. 2022 eq. 2) is ``kl_penalized_rewards``: r - beta sum_t KL_t.
 """
 
@@ -90,6 +92,92 @@ def value_loss(
         "value/mean": masked_mean(values_B_T.detach(), mask_B_T).item(),
     }
     return loss, metrics
+
+
+def entropy_bonus(entropy_B_T: torch.Tensor, mask_B_T: torch.Tensor, agg: AggMode = "token",
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """Policy entropy aggregated like the policy loss; subtracted (times a coefficient) to keep exploring."""
+    return aggregate(entropy_B_T, mask_B_T, agg, max_tokens)
+
+
+def ppo_loss(
+    logprobs_B_T: torch.Tensor,
+    values_B_T: torch.Tensor,
+    entropy_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    old_values_B_T: torch.Tensor,
+    returns_B_T: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    vf_coef: float = 0.5,
+    vf_clip: float = 0.2,
+    entropy_coef: float = 0.0,
+    agg: AggMode = "token",
+    ref_logprobs_B_T: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_kind: KLKind = "k3",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO with a critic: loss/policy + loss/kl + vf_coef * loss/value - entropy_coef * loss/entropy.
+
+    values_B_T (critic, with grad) and entropy_B_T (policy, with grad) come from the trainer's forward;
+    advantages_B is per token (B, T) from GAE. loss/value and loss/entropy are the unweighted terms.
+    """
+    policy, metrics = policy_gradient_loss(
+        logprobs_B_T=logprobs_B_T, old_logprobs_B_T=old_logprobs_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T,
+        kl_beta=kl_beta, kl_kind=kl_kind, max_tokens=max_tokens)
+    value, value_metrics = value_loss(values_B_T, old_values_B_T, returns_B_T, mask_B_T, vf_clip)
+    entropy = entropy_bonus(entropy_B_T, mask_B_T, agg, max_tokens)
+    metrics.update(value_metrics)
+    metrics["loss/entropy"] = entropy.item()
+    return policy + vf_coef * value - entropy_coef * entropy, metrics
+
+
+def policy_entropy_loss(
+    logprobs_B_T: torch.Tensor,
+    entropy_B_T: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    entropy_coef: float = 0.0,
+    agg: AggMode = "token",
+    ref_logprobs_B_T: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_kind: KLKind = "k3",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Critic-free clipped policy loss with an entropy bonus (VinePPO with entropy_coef > 0).
+
+    old_logprobs_B_T=None is the on-policy single update: the detached current log-probs (ratio 1).
+    """
+    old_B_T = logprobs_B_T.detach() if old_logprobs_B_T is None else old_logprobs_B_T
+    policy, metrics = policy_gradient_loss(
+        logprobs_B_T=logprobs_B_T, old_logprobs_B_T=old_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T,
+        kl_beta=kl_beta, kl_kind=kl_kind, max_tokens=max_tokens)
+    entropy = entropy_bonus(entropy_B_T, mask_B_T, agg, max_tokens)
+    metrics["loss/entropy"] = entropy.item()
+    return policy - entropy_coef * entropy, metrics
+
+
+def value_only_loss(
+    values_B_T: torch.Tensor,
+    old_values_B_T: torch.Tensor,
+    returns_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    vf_clip: float = 0.2,
+    logprobs_B_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped value loss alone, for a separate critic trained in its own step.
+
+    logprobs_B_T is accepted and ignored: the trainer passes it to every loss.
+    """
+    return value_loss(values_B_T, old_values_B_T, returns_B_T, mask_B_T, vf_clip)
 
 
 @torch.no_grad()

@@ -3,14 +3,16 @@
 The trainer workers resolve ``train_step(loss_name=...)`` here. A new loss is a pure function with that
 signature plus one entry below; its batch fields (``advantages_B``, ``old_logprobs_B_T``, ...) arrive as
 tensors named like the TrainBatch fields, and an ``agg`` keyword (token | sequence | fixed) tells the
-trainer how to weight gradient-accumulation micro-batches.
+trainer how to weight gradient-accumulation micro-batches. A loss whose signature names ``values_B_T`` (the
+critic's V(s_t), with grad) or ``entropy_B_T`` (the policy's per-token entropy, with grad) gets them from the
+trainer's forward: "ppo" needs both, "value" needs values_B_T, "policy_entropy" needs entropy_B_T.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from raylign.algorithms.losses import policy_gradient_loss
+from raylign.algorithms.losses import policy_entropy_loss, policy_gradient_loss, ppo_loss, value_only_loss
 
 
 
@@ -23,4 +25,7 @@ def policy_gradient_on_policy_loss(logprobs_B_T, **kwargs):
 LOSSES: dict[str, Callable] = {
     "policy_gradient": policy_gradient_loss,
     "policy_gradient_on_policy": policy_gradient_on_policy_loss,
+    "policy_entropy": policy_entropy_loss,
+    "ppo": ppo_loss,
+    "value": value_only_loss,
 }
