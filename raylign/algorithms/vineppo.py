@@ -15,6 +15,8 @@ loss; continuations are only scored, never trained on. Departures and choices:
 - gamma and lam are not used (gamma = 1 as in the paper; MC values need no lambda).
 - advantages are whitened over the batch's loss-mask tokens when ``whiten_advantages``; entropy_coef > 0 adds
   an entropy bonus (loss "policy_entropy"); KL (kl_beta > 0) is a loss term as in GRPO, not in the reward.
+- a state is scored with the problem of the first sequence reaching it; multi-turn episodes are not
+  special-cased (a boundary inside tool output is continued by the policy alone, without the tool).
 ``StepOutput.advantages_P_G`` is each sequence's mean token advantage (as trained), for the rollout log.
 """
 
