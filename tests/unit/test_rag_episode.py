@@ -117,7 +117,8 @@ def test_search_then_answer_splices_tool_tokens_with_mask_zero(tok):
     assert b.token_ids == gen.ids("<answer>Lyon</answer>") and b.loss_mask == [1] * len(b.token_ids)
     assert b.info == {"turns": 1, "searches": [], "retrieved": [], "tool_errors": 0, "answer": "Lyon"}
     # turn 1: the prompt with n=2; turn 2: only the live trajectory with n=1
-    assert [(c, n, m, s) for c, n, _, m, s in gen.calls] == [([PROMPTS[0]], 2, 40, STOPS), ([PROMPTS[0] + t1 + tool_ids], 1, 40, STOPS)]
+    assert [(c, n, m, s) for c, n, _, m, s in gen.calls] == [([PROMPTS[0]], 2, 40, STOPS),
+                                                             ([PROMPTS[0] + t1 + tool_ids], 1, 40, STOPS)]
     assert search.calls == [(["capital of France"], 2)]
 
 
@@ -125,7 +126,8 @@ def test_one_generate_and_one_search_call_per_turn(tok):
     s = ("<search>capital of France</search>", "stop")
     e = ("<search>Eiffel</search>", "stop")
     scripts = [[[s, e, ("<answer>x</answer>", "stop")], [("Hmm <search>Eiffel</search>", "stop"), s, e]],
-               [[("Ok <search>Eiffel</search>", "stop"), ("<answer>y</answer>", "stop")], [("<answer>z</answer>", "stop")]]]
+               [[("Ok <search>Eiffel</search>", "stop"), ("<answer>y</answer>", "stop")],
+                [("<answer>z</answer>", "stop")]]]
     gen, search = ScriptedGenerator(tok, PROMPTS, scripts), FakeSearch(CORPUS)
     groups = run_episodes(PROMPTS, 2, 1.0, gen, search, tok, CFG, max_model_len=4096)
     assert [(len(c), n) for c, n, *_ in gen.calls] == [(2, 2), (3, 1), (2, 1)]
@@ -149,16 +151,17 @@ def test_last_turn_is_told_to_answer_and_a_last_search_is_not_served(tok):
 
 
 def test_malformed_calls_get_errors_and_the_episode_goes_on(tok):
-    turns = [("<search></search>", "stop"), (f"<search>{'q' * 301}</search>", "stop"), ("<answer>Paris</answer>", "stop")]
+    turns = [("<search></search>", "stop"), (f"<search>{'q' * 301}</search>", "stop"),
+             ("<answer>Paris</answer>", "stop")]
     gen, search = ScriptedGenerator(tok, PROMPTS[:1], [[turns]]), FakeSearch(CORPUS)
     (c,), = run_episodes(PROMPTS[:1], 1, 1.0, gen, search, tok, CFG, max_model_len=4096)
     assert search.calls == []
     assert c.text == (turns[0][0] + "\n" + format_error("empty query") + "\n" + turns[1][0] + "\n"
                       + format_error("query longer than 300 characters", LAST_TURN_NOTE) + "\n" + turns[2][0])
     assert (c.info["tool_errors"], c.info["answer"], c.info["turns"]) == (2, "Paris", 3)
-    n_tool = sum(1 for m in c.loss_mask if m == 0)
-    assert n_tool == len(tok.encode("\n" + format_error("empty query") + "\n", add_special_tokens=False)) + len(
-        tok.encode("\n" + format_error("query longer than 300 characters", LAST_TURN_NOTE) + "\n", add_special_tokens=False))
+    errors = ["\n" + format_error("empty query") + "\n",
+              "\n" + format_error("query longer than 300 characters", LAST_TURN_NOTE) + "\n"]
+    assert c.loss_mask.count(0) == sum(len(tok.encode(e, add_special_tokens=False)) for e in errors)
 
 
 @pytest.mark.parametrize("turn, finish", [("Paris is the answer.", "stop"), ("<search>capital of Fra", "length")])
@@ -206,12 +209,14 @@ def test_policy_version_is_the_oldest_turn(tok):
 
 
 def test_reward_reads_back_what_the_episode_did(tok):
-    turns = [("<search>capital of France</search>", "stop"), ("<search></search>", "stop"), ("<answer>Paris</answer>", "stop")]
+    turns = [("<search>capital of France</search>", "stop"), ("<search></search>", "stop"),
+             ("<answer>Paris</answer>", "stop")]
     gen = ScriptedGenerator(tok, PROMPTS[:1], [[turns]])
     (c,), = run_episodes(PROMPTS[:1], 1, 1.0, gen, FakeSearch(CORPUS), tok, CFG, max_model_len=4096)
     reading = read_trajectory(c.text, CFG.max_query_chars)
     assert reading.retrieved == [d for ids in c.info["retrieved"] for d in ids] == ["d_paris", "d_lyon"]
-    assert (reading.answer, reading.tool_errors, reading.turns) == (c.info["answer"], c.info["tool_errors"], c.info["turns"])
+    assert (reading.answer, reading.tool_errors, reading.turns) == ("Paris", 1, 3)
+    assert (c.info["answer"], c.info["tool_errors"], c.info["turns"]) == ("Paris", 1, 3)
 
 
 def test_misaligned_logprobs_from_a_backend_are_rejected(tok):

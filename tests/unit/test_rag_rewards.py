@@ -143,7 +143,8 @@ def test_env_reward_correctness_rule():
     env = RagEnv({"t": []}, RagConfig(rewards=["f1"]), embed=fake_embed)
     problem = Problem("p", [], "the Eiffel Tower", {"gold_doc": "d"})
     eiffel = env.reward(problem, "<answer>Eiffel</answer>")  # P 1, R 1/2 -> F1 2/3 >= 0.5
-    assert (eiffel.correct, eiffel.reward, eiffel.info["components"]) == (True, pytest.approx(2 / 3), {"f1": pytest.approx(2 / 3)})
+    assert (eiffel.correct, eiffel.reward) == (True, pytest.approx(2 / 3))
+    assert eiffel.info["components"] == {"f1": pytest.approx(2 / 3)}
     assert env.reward(problem, "<answer>the tower of babel</answer>").correct is False  # P 1/3, R 1/2 -> 0.4
     assert env.reward(problem, "Eiffel Tower").correct is True  # untagged reply: correct, no format credit
     assert env.reward(problem, "Eiffel Tower").format_ok is False

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from raylign.config import RagConfig
-from raylign.envs.rag.tools import ANSWER, SEARCH, STOPS, block_doc_ids, cut_at_stop, format_error, format_results, parse_action
+from raylign.envs.rag.tools import (
+    ANSWER, SEARCH, STOPS, block_doc_ids, cut_at_stop, format_error, format_results, parse_action,
+)
 from raylign.types import Completion
 
 LAST_TURN_NOTE = "No searches left. Reply now with <answer>...</answer>."
