@@ -122,7 +122,12 @@ def _serve_tools(calls: list[tuple[_Trajectory, tuple[str, str]]], search: Searc
 
 def run_episodes(prompt_ids: list[list[int]], n: int, temperature: float, generate: Generate, search: Search,
                  tokenizer, cfg: RagConfig, max_model_len: int) -> list[list[Completion]]:
-    """``n`` search-agent trajectories per prompt, one Completion each (see the module docstring)."""
+    """``n`` search-agent trajectories per prompt, one Completion each (see the module docstring).
+
+    ``generate`` returns, per context, n Completions holding only the new tokens, with the stop string
+    INCLUDED in ``text`` when one was hit (vLLM: ``include_stop_str_in_output=True``); without it every
+    tool call would read as an untagged EOS. ``info["retrieved"]`` holds marker ids (``tools.marker_id``).
+    """
     room = cfg.turn_max_new_tokens
     groups = [[_Trajectory(list(p)) for _ in range(n)] for p in prompt_ids]
     for group in groups:
