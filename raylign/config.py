@@ -70,8 +70,16 @@ class RagConfig(_Section):
     turn_max_new_tokens: int = Field(96, ge=1, description="new tokens per model turn")
     synthetic_num_facts: int = Field(300, ge=10, description="synthetic corpus: invented entities (one document and one question each)")
     synthetic_seed: int = Field(7, description="synthetic corpus generator seed")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the QA records held out as the test split")
+    split_seed: int = Field(0, description="seed of the train/test split and of the dataset.limit sample of a QA file")
     rewards: list[str] = Field(default_factory=lambda: ["f1", "similarity", "mrr", "format"], description="reward components (see raylign/envs/rag/rewards.py)")
     combine: Literal["uniform", "std", "pca", "l2"] = Field("uniform", description="how components are combined into one reward")
+
+    @model_validator(mode="after")
+    def _check(self) -> RagConfig:
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError(f"rag.chunk_overlap ({self.chunk_overlap}) must be below rag.chunk_chars ({self.chunk_chars})")
+        return self
 
 
 class GeneratorConfig(_Section):
@@ -100,6 +108,7 @@ class TrainerConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes) for policy updates")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray logical CPUs each trainer worker reserves")
     use_gpu: bool = Field(False, description="one GPU per trainer worker (nccl); CPU workers use gloo")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: the machine's cores / num_workers (training never overlaps generation)")
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     critic_lr: float | None = Field(None, gt=0, description="PPO: learning rate of the critic (value head or separate model); None = 5x lr")

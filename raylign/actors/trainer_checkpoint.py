@@ -2,13 +2,15 @@
 
 Every function is collective (all ranks call it; gathers and broadcasts run over the process group) and
 only rank 0 touches the files, so a multi-node group needs no shared filesystem for writing.
-- ``save_weights``: one bf16 safetensors file, HF names, tied lm_head included (consumers skip it),
+- ``save_weights``: one bf16 safetensors file, HF names, without a tied lm_head (the generators re-tie it),
   written to a temp file in the same folder and ``os.replace``d, so a reader never sees half a file.
 - ``export_hf``: a plain HF folder (config, bf16 ``model.safetensors`` as save_pretrained writes it, i.e.
   without a tied lm_head, tokenizer and generation files copied from the source model).
 - trainer checkpoint: fp32 master weights (bf16 would break exact resume), the full optimizer state keyed
   by parameter name, scheduler state, step count and every rank's torch/python/numpy RNG state. Full (not
   sharded) state loads into a fresh group of any size; RNG states are per rank and need the same size.
+  A separate PPO critic adds its own weights and optimizer state (trainer_critic*); a value head on the
+  policy is part of the policy's state.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from raylign.actors.value_head import drop_value_head
 from raylign.actors.train_backends import (
     Wrapped,
     gather_model_state,
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
     from raylign.actors.trainer_worker import TrainerWorker
 
 MODEL_FILE = "trainer_model.safetensors"
+CRITIC_MODEL_FILE = "trainer_critic.safetensors"  # PPO with critic: separate only
+CRITIC_OPTIMIZER_FILE = "trainer_critic_optimizer.pt"
 OPTIMIZER_FILE = "trainer_optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 # Source-model files an HF export must not copy: weights (rewritten) and raylign's build marker.
@@ -57,13 +62,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_weights(wrapped: Wrapped, path: str, rank: int) -> None:
-    state = gather_model_state(wrapped)
+    state = drop_value_head(gather_model_state(wrapped))
     if rank == 0:
+        if getattr(wrapped.inner.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # the embedding again; both generator backends re-tie it
         _atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, Path(path))
 
 
 def export_hf(wrapped: Wrapped, model_path: str, out_dir: str, rank: int) -> None:
-    state = gather_model_state(wrapped)
+    state = drop_value_head(gather_model_state(wrapped))
     if rank != 0:
         return
     out, src = Path(out_dir), Path(model_path)
@@ -94,6 +101,10 @@ def _set_rng_state(state: dict) -> None:
 def save_trainer_checkpoint(worker: TrainerWorker, out_dir: str) -> None:
     model_state = gather_model_state(worker.policy)
     optim_state = gather_optimizer_state(worker.policy, worker.optimizer)
+    separate = worker.critic is not None and worker.critic is not worker.policy
+    if separate:
+        critic_state = gather_model_state(worker.critic)
+        critic_optim = gather_optimizer_state(worker.critic, worker.critic_optimizer)
     rngs = [None] * worker.world if worker.rank == 0 else None
     dist.gather_object(_rng_state(), rngs, dst=0)
     if worker.rank != 0:
@@ -102,7 +113,12 @@ def save_trainer_checkpoint(worker: TrainerWorker, out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _atomic_save(model_state, out / MODEL_FILE)
     torch.save(optim_state, out / OPTIMIZER_FILE)
-    torch.save({"scheduler": worker.scheduler.state_dict(), "steps": worker.steps, "rng": rngs}, out / STATE_FILE)
+    state = {"scheduler": worker.scheduler.state_dict(), "steps": worker.steps, "rng": rngs}
+    if separate:
+        _atomic_save(critic_state, out / CRITIC_MODEL_FILE)
+        torch.save(critic_optim, out / CRITIC_OPTIMIZER_FILE)
+        state["critic_scheduler"] = worker.critic_scheduler.state_dict()
+    torch.save(state, out / STATE_FILE)
 
 
 def load_trainer_checkpoint(worker: TrainerWorker, in_dir: str) -> None:
@@ -125,6 +141,11 @@ def load_trainer_checkpoint(worker: TrainerWorker, in_dir: str) -> None:
     scatter_model_state(worker.policy, model_state)
     optim_state = torch.load(src / OPTIMIZER_FILE, weights_only=False) if worker.rank == 0 else {}
     scatter_optimizer_state(worker.policy, worker.optimizer, optim_state)
+    if "critic_scheduler" in state:
+        scatter_model_state(worker.critic, load_file(src / CRITIC_MODEL_FILE) if worker.rank == 0 else {})
+        critic_optim = torch.load(src / CRITIC_OPTIMIZER_FILE, weights_only=False) if worker.rank == 0 else {}
+        scatter_optimizer_state(worker.critic, worker.critic_optimizer, critic_optim)
+        worker.critic_scheduler.load_state_dict(state["critic_scheduler"])
     worker.scheduler.load_state_dict(state["scheduler"])
     worker.steps = state["steps"]
     _set_rng_state(state["rng"][worker.rank])

@@ -85,11 +85,12 @@ def pad_batch(batch: TrainBatch, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor], with_entropy: bool = False,
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(completion token | everything before it) at temperature 1: (B, T), 0 on padding.
 
-    The entropy (B, T) of the same distributions comes back too when asked; it is a metric, so no grad.
+    The entropy (B, T) of the same distributions comes back too when asked: a metric (no grad), or with
+    ``entropy_grad`` a differentiable term for an entropy bonus.
     """
     input_ids_B_L = tensors["input_ids_B_L"]
     L = input_ids_B_L.shape[1]
@@ -107,24 +108,33 @@ def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     picked_B_T = torch.gather(logits_B_T_V, -1, target_B_T.unsqueeze(-1)).squeeze(-1)
     logprobs_B_T = (picked_B_T - torch.logsumexp(logits_B_T_V, dim=-1)) * valid_B_T
     entropy_B_T = None
-    if with_entropy:
-        with torch.no_grad():
+    if with_entropy or entropy_grad:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             logp_B_T_V = torch.log_softmax(logits_B_T_V, dim=-1)
             entropy_B_T = -(logp_B_T_V.exp() * logp_B_T_V).sum(-1) * valid_B_T
     return logprobs_B_T, entropy_B_T
 
 
-def micro_batches(batch: TrainBatch, token_budget: int) -> list[list[int]]:
-    """Consecutive groups of sequence indices whose padded size (rows x longest row) fits token_budget.
+def token_values(values_B_L: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """V(s_t) for each completion token t from per-position critic outputs: the value read at the position
+    whose logits predict token t (the state before t is emitted), as float32; 0 on padding."""
+    picked_B_T = torch.gather(values_B_L, 1, tensors["logit_pos_B_T"])
+    return picked_B_T.float() * tensors["valid_B_T"]
 
-    The padded rectangle, not the token sum, is what a forward costs in memory. A single sequence longer
-    than the budget forms its own group.
+
+def micro_batches(batch: TrainBatch, token_budget: int) -> list[list[int]]:
+    """Groups of sequence indices whose padded size (rows x longest row) fits token_budget.
+
+    The padded rectangle, not the token sum, is what a forward costs in time and memory, so sequences are
+    taken in order of length: similar lengths share a micro-batch and little compute goes to padding.
+    A single sequence longer than the budget forms its own group.
     """
+    lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
     groups: list[list[int]] = []
     current: list[int] = []
     longest = 0
-    for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
-        length = len(p) + len(c)
+    for i in sorted(range(len(lengths)), key=lambda j: (lengths[j], j)):
+        length = lengths[i]
         if current and (len(current) + 1) * max(longest, length) > token_budget:
             groups.append(current)
             current, longest = [], 0
@@ -209,4 +219,6 @@ def merge_step_metrics(per_rank: list[dict]) -> dict[str, float]:
         "train/tokens": tokens,
         "train/optimizer_steps": float(head["optimizer_steps"]),
     })
+    if head.get("critic_grad_norms"):
+        metrics["train/critic_grad_norm"] = sum(head["critic_grad_norms"]) / len(head["critic_grad_norms"])
     return metrics

@@ -15,6 +15,8 @@ sharded, on every rank: reference log-probs need no collectives.
 from __future__ import annotations
 
 import inspect
+import os
+from contextlib import ExitStack
 import random
 import time
 import traceback
@@ -35,8 +37,10 @@ from raylign.actors.trainer_math import (
     lr_multiplier,
     pad_batch,
     sequence_logprobs,
+    token_values,
     work_plan,
 )
+from raylign.actors.value_head import attach_value_head, take_values
 from raylign.algorithms.registry import LOSSES
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.models import load_hf_model
@@ -53,6 +57,11 @@ READY = -1  # command id of the "model built" reply every rank sends once
 class Logprobs:
     batch_ref: Any
     which: str = "policy"  # or "ref"
+
+
+@dataclass
+class Values:
+    batch_ref: Any
 
 
 @dataclass
@@ -105,6 +114,7 @@ class WorkerSpec:
     cfg: TrainerConfig
     seed: int
     total_steps: int | None
+    critic: str | None = None  # PPO: "value_head" (on the policy backbone) or "separate" (its own model)
 
 
 def _device(cfg: TrainerConfig) -> torch.device:
@@ -118,6 +128,9 @@ def _device(cfg: TrainerConfig) -> torch.device:
 class TrainerWorker:
     def __init__(self, spec: WorkerSpec, rank: int, world: int):
         self.spec, self.cfg, self.rank, self.world = spec, spec.cfg, rank, world
+        # Ray pins OMP/torch threads to the worker's logical CPUs (often 1); training runs while the generators
+        # idle (synchronous mode), so the workers may use every core between them.
+        torch.set_num_threads(self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
         torch.manual_seed(spec.seed + rank)
         random.seed(spec.seed + rank)
         np.random.seed(spec.seed + rank)
@@ -126,27 +139,79 @@ class TrainerWorker:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        critic_lr = self.cfg.critic_lr or 5 * self.cfg.lr
+        if spec.critic == "value_head":
+            attach_value_head(model)
         self.policy: Wrapped = TRAIN_BACKENDS[self.cfg.backend](model, self.cfg)
-        self.optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=self.cfg.lr,
-                                           weight_decay=self.cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
-            step, self.cfg.lr_schedule, self.cfg.warmup_steps, spec.total_steps))
+        groups = [{"params": [p for n, p in self.policy.model.named_parameters() if "raylign_value_head" not in n]},
+                  {"params": [p for n, p in self.policy.model.named_parameters() if "raylign_value_head" in n],
+                   "lr": critic_lr}]
+        self.optimizer, self.scheduler = self._optimizer([g for g in groups if g["params"]])
+        # The model whose head gives V(s_t): the policy itself, a separate critic, or none (no PPO).
+        self.critic: Wrapped | None = self.policy if spec.critic == "value_head" else None
+        self.critic_optimizer = self.critic_scheduler = None
+        if spec.critic == "separate":
+            critic = load_hf_model(spec.model_path, "float32", spec.model_cfg.trust_remote_code).to(self.device)
+            attach_value_head(critic)
+            self.critic = TRAIN_BACKENDS[self.cfg.backend](critic, self.cfg)
+            self.critic_optimizer, self.critic_scheduler = self._optimizer(
+                [{"params": list(self.critic.model.parameters()), "lr": critic_lr}])
         self.ref = None
         if self.cfg.ref_model == "trainer":
             self.ref = load_hf_model(spec.model_path, "bfloat16", spec.model_cfg.trust_remote_code).to(self.device)
             self.ref.eval().requires_grad_(False)
         self.steps = 0
-        self.handlers = {Logprobs: self.logprobs, TrainStep: self.train_step, SaveWeights: self.save_weights,
+        self.handlers = {Logprobs: self.logprobs, Values: self.values, TrainStep: self.train_step,
+                         SaveWeights: self.save_weights,
                          SaveCheckpoint: self.save_checkpoint, LoadCheckpoint: self.load_checkpoint,
                          ExportHF: self.export_hf}
+
+    def _optimizer(self, groups: list[dict]):
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+            step, self.cfg.lr_schedule, self.cfg.warmup_steps, self.spec.total_steps))
+        return optimizer, scheduler
 
     def _tensors(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in pad_batch(batch, self.pad_id).items()}
 
-    def _dummy_forward(self) -> torch.Tensor:
+    def _dummy_forward(self, wrapped: Wrapped | None = None) -> torch.Tensor:
         # Keeps this rank in step with ranks that have more micro-batches (FSDP2 all-gathers every forward).
+        wrapped = wrapped or self.policy
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        return self.policy.model(input_ids=ids, use_cache=False).logits
+        out = wrapped.model(input_ids=ids, use_cache=False).logits.sum()
+        if wrapped is self.critic:
+            out = out + take_values(wrapped.inner).sum()
+        return out
+
+    def _critic_values(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """V(s_t) (B, T) from the critic's forward; the policy's own forward already ran for a value head."""
+        if self.critic is not self.policy:
+            self.critic.model(input_ids=tensors["input_ids_B_L"], attention_mask=tensors["attention_mask_B_L"],
+                              use_cache=False, logits_to_keep=1)
+        return token_values(take_values(self.critic.inner), tensors)
+
+    def values(self, cmd: Values) -> dict[int, list[float]]:
+        if self.critic is None:
+            raise ValueError("no critic in the trainer (only PPO builds one: algorithm.critic)")
+        batch: TrainBatch = ray.get(cmd.batch_ref)
+        check_batch(batch)
+        plan = [steps[0] for steps in work_plan(batch, self.world, 1, self.cfg.micro_batch_tokens)]
+        mine = plan[self.rank]
+        self.critic.model.eval()
+        out: dict[int, list[float]] = {}
+        with torch.no_grad(), self.critic.compute():
+            for k in range(max(len(p) for p in plan)):
+                if k >= len(mine):
+                    self._dummy_forward(self.critic)
+                    continue
+                tensors = self._tensors(batch.select(mine[k]))
+                if self.critic is self.policy:  # the head rides on the policy forward
+                    sequence_logprobs(self.policy.model, tensors)
+                values_B_T = self._critic_values(tensors)
+                for row, i in enumerate(mine[k]):
+                    out[i] = values_B_T[row, :len(batch.completion_ids[i])].cpu().tolist()
+        return out
 
     def logprobs(self, cmd: Logprobs) -> dict[int, list[float]]:
         if cmd.which not in ("policy", "ref"):
@@ -182,16 +247,23 @@ class TrainerWorker:
         check_batch(batch)
         # A missing field or misspelt kwarg must fail here, on every rank, not inside a micro-batch while a
         # rank with only dummy work waits in a reduce-scatter.
+        wants = _model_outputs(cmd.loss_name)
+        if "values_B_T" in wants and self.critic is None:
+            raise ValueError(f"loss {cmd.loss_name!r} needs a critic; this trainer has none (algorithm.critic)")
         try:
             inspect.signature(LOSSES[cmd.loss_name]).bind(
-                logprobs_B_T=None, mask_B_T=None, **dict.fromkeys(batch.fields), **cmd.loss_kwargs)
+                logprobs_B_T=None, mask_B_T=None, **dict.fromkeys(wants), **dict.fromkeys(batch.fields),
+                **cmd.loss_kwargs)
         except TypeError as e:
             raise TypeError(f"loss {cmd.loss_name!r}: {e} (batch fields {sorted(batch.fields)}, "
                             f"loss_kwargs {sorted(cmd.loss_kwargs)})") from None
         agg = cmd.loss_kwargs.get("agg", "token")
         plan = work_plan(batch, self.world, cmd.minibatches, self.cfg.micro_batch_tokens)
         stats = {"sums": {}, "weight": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "grad_norms": [], "lrs": []}
-        self.policy.model.train()
+        two_models = self.critic is not None and self.critic is not self.policy and "values_B_T" in wants
+        models = [self.policy, self.critic] if two_models else [self.policy]
+        for wrapped in models:
+            wrapped.model.train()
         for step in range(cmd.minibatches):
             groups = [plan[r][step] for r in range(self.world)]
             rounds = max(len(g) for g in groups)
@@ -199,26 +271,39 @@ class TrainerWorker:
                 continue  # fewer sequences than minibatches: no rank has work for this step
             total = sum(loss_units(batch, mb, agg) for g in groups for mb in g)
             self.optimizer.zero_grad(set_to_none=True)
+            if two_models:
+                self.critic_optimizer.zero_grad(set_to_none=True)
             mine = groups[self.rank]
             for k in range(rounds):
-                with self.policy.grad_sync(k == rounds - 1):
+                with ExitStack() as sync:
+                    for wrapped in models:
+                        sync.enter_context(wrapped.grad_sync(k == rounds - 1))
                     if k < len(mine):
                         units = loss_units(batch, mine[k], agg)
                         scale = self.world * units / total if total > 0 else 0.0
-                        self._micro_step(batch.select(mine[k]), cmd, scale, units, stats)
+                        self._micro_step(batch.select(mine[k]), cmd, wants, scale, units, stats)
                     else:
                         with self.policy.compute():
-                            loss = self._dummy_forward().sum() * 0.0
+                            loss = sum(self._dummy_forward(w) for w in models) * 0.0
                         loss.backward()
-            self._optimizer_step(stats)
+            self._optimizer_step(stats, two_models)
         stats["optimizer_steps"] = self.steps
         return stats
 
-    def _micro_step(self, batch: TrainBatch, cmd: TrainStep, scale: float, units: float, stats: dict) -> None:
+    def _micro_step(self, batch: TrainBatch, cmd: TrainStep, wants: set[str], scale: float, units: float,
+                    stats: dict) -> None:
         tensors = self._tensors(batch)
         fields = {name: tensors[name] for name in batch.fields}
+        entropy_grad = "entropy_B_T" in wants and cmd.loss_kwargs.get("entropy_coef", 0.0) > 0
         with self.policy.compute():
-            logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True)
+            logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True,
+                                                          entropy_grad=entropy_grad)
+            if "values_B_T" in wants:
+                fields["values_B_T"] = self._critic_values(tensors)
+            elif self.critic is self.policy:
+                take_values(self.policy.inner)  # computed by the head's hook but unused by this loss
+            if "entropy_B_T" in wants:
+                fields["entropy_B_T"] = entropy_B_T
             loss, metrics = LOSSES[cmd.loss_name](logprobs_B_T=logprobs_B_T, mask_B_T=tensors["mask_B_T"],
                                                   **fields, **cmd.loss_kwargs)
         (loss * scale).backward()
@@ -226,17 +311,18 @@ class TrainerWorker:
         for key, value in metrics.items():
             stats["sums"][key] = stats["sums"].get(key, 0.0) + units * float(value)
         stats["weight"] += units
-        stats["entropy_sum"] += float((entropy_B_T * tensors["mask_B_T"]).sum())
+        stats["entropy_sum"] += float((entropy_B_T.detach() * tensors["mask_B_T"]).sum())
         stats["tokens"] += float(tensors["mask_B_T"].sum())
 
-    def _optimizer_step(self, stats: dict) -> None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-            grad_norm = grad_norm.full_tensor()
-        stats["grad_norms"].append(float(grad_norm))
+    def _optimizer_step(self, stats: dict, with_critic: bool = False) -> None:
+        stats["grad_norms"].append(_clip(self.policy, self.cfg.max_grad_norm))
         stats["lrs"].append(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
+        if with_critic:
+            stats.setdefault("critic_grad_norms", []).append(_clip(self.critic, self.cfg.max_grad_norm))
+            self.critic_optimizer.step()
+            self.critic_scheduler.step()
         self.steps += 1
 
     def save_weights(self, cmd: SaveWeights) -> None:
@@ -262,6 +348,18 @@ class TrainerWorker:
             return Reply(cmd_id, self.rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                          seconds=time.perf_counter() - started)
         return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
+
+
+def _model_outputs(loss_name: str) -> set[str]:
+    """What a loss takes from the trainer's forward besides log-probs (see algorithms.registry)."""
+    return {"values_B_T", "entropy_B_T"} & set(inspect.signature(LOSSES[loss_name]).parameters)
+
+
+def _clip(wrapped: Wrapped, max_norm: float) -> float:
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    return float(grad_norm)
 
 
 def train_loop_per_worker(config: dict) -> None:

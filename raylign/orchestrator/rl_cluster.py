@@ -27,13 +27,16 @@ class RayCluster:
         self.timer = PhaseTimer()
         self.version = 0
         self.tokens_generated = 0
+        self.mc_tokens = 0  # Monte Carlo continuations (VinePPO): generated, never trained on
+        self.mc_calls = 0
         self.prompt_cache: dict[str, list[int]] = {}
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("startup"):
             optimizer_steps = cfg.train.steps * cfg.algorithm.epochs * cfg.algorithm.minibatches
+            critic = cfg.algorithm.critic if cfg.algorithm.name == "ppo" else None
             self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
-                                        total_steps=optimizer_steps)
+                                        total_steps=optimizer_steps, critic=critic)
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
             self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn)
 
@@ -51,6 +54,35 @@ class RayCluster:
         assert not stale, f"off-policy samples in synchronous mode: versions {stale}, trainer at {self.version}"
         self.tokens_generated += sum(len(c.token_ids) for g in groups for c in g)
         return groups
+
+    def continue_from(self, prefixes: list[list[int]], n: int, temperature: float,
+                      max_new_tokens: int | None = None) -> list[list[Completion]]:
+        with self.timer.phase("mc_rollouts"):
+            spec = self.generators.spec(n=n, temperature=temperature,
+                                        max_new_tokens=max_new_tokens or self.cfg.generator.max_new_tokens)
+            groups = self.generators.generate(prefixes, spec)
+        stale = {c.policy_version for g in groups for c in g} - {self.version}
+        assert not stale, f"Monte Carlo rollouts from stale weights: versions {stale}, trainer at {self.version}"
+        self.mc_calls += 1
+        self.mc_tokens += sum(len(c.token_ids) for g in groups for c in g)
+        return groups
+
+    def token_pieces(self, token_ids: list[list[int]]) -> list[list[str]]:
+        """Each token's text in context: the growth of the decoded prefix (multi-byte characters land on the
+        token that completes them), so ''.join(pieces) == decode(ids)."""
+        out = []
+        for ids in token_ids:
+            pieces, previous = [], ""
+            for t in range(1, len(ids) + 1):
+                text = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
+                pieces.append(text[len(previous):] if text.startswith(previous) else text)
+                previous = text
+            out.append(pieces)
+        return out
+
+    def values(self, batch: TrainBatch) -> list[list[float]]:
+        with self.timer.phase("values"):
+            return self.trainer.values(batch)
 
     def score(self, problems: list[Problem], groups: list[list[Completion]]) -> list[list[Score]]:
         with self.timer.phase("score"):

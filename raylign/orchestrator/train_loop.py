@@ -13,6 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from raylign.algorithms.policy_gradient import StepOutput, policy_gradient_step
+from raylign.algorithms.ppo import ppo_step
+from raylign.algorithms.vineppo import vineppo_step
 from raylign.config import Config
 from raylign.envs import make_env
 from raylign.envs.base import Problem
@@ -24,7 +26,8 @@ from raylign.orchestrator.evaluate import evaluate
 from raylign.orchestrator.rl_cluster import RayCluster
 from raylign.orchestrator.tracking import Tracker
 
-ALGORITHMS = {"grpo": policy_gradient_step, "rloo": policy_gradient_step, "reinforce": policy_gradient_step}
+ALGORITHMS = {"grpo": policy_gradient_step, "rloo": policy_gradient_step, "reinforce": policy_gradient_step,
+              "ppo": ppo_step, "vineppo": vineppo_step}
 
 
 def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_dir: Path) -> dict:

@@ -37,6 +37,7 @@ from raylign.actors.trainer_worker import (
     SaveWeights,
     Stop,
     TrainStep,
+    Values,
     WorkerSpec,
     train_loop_per_worker,
 )
@@ -57,9 +58,10 @@ class TrainerGroupError(RuntimeError):
 
 class TrainerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig, seed: int, storage_dir: str,
-                 total_steps: int | None = None, command_timeout_s: float | None = None):
+                 total_steps: int | None = None, command_timeout_s: float | None = None, critic: str | None = None):
         """Start the workers and wait until each has built its model (raises if one fails to).
 
+        critic: None, or "value_head" / "separate" to build a PPO critic beside the policy.
         total_steps: optimizer steps of the whole run; needed by the cosine/linear LR schedules.
         command_timeout_s: give up on a command after this long (None: wait while the workers live).
         """
@@ -76,7 +78,7 @@ class TrainerGroup:
         # Queues are tiny actors; 0 CPUs so they never compete with the workers for logical CPUs.
         self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.world)]
         self._replies = Queue(actor_options={"num_cpus": 0})
-        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps)
+        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps, critic)
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},
@@ -113,6 +115,12 @@ class TrainerGroup:
         merged = {i: lp for part in per_rank for i, lp in part.items()}
         return [merged[i] for i in range(len(merged))]
 
+    def values(self, batch: TrainBatch | ray.ObjectRef) -> list[list[float]]:
+        """Per sequence, in batch order: the critic's V(s_t) before each completion token (PPO only)."""
+        per_rank: list[dict[int, list[float]]] = self._call(Values(self._put(batch)))
+        merged = {i: v for part in per_rank for i, v in part.items()}
+        return [merged[i] for i in range(len(merged))]
+
     def train_step(self, batch: TrainBatch | ray.ObjectRef, loss_name: str, loss_kwargs: dict | None = None,
                    minibatches: int = 1) -> dict[str, float]:
         """``minibatches`` optimizer steps on the batch; loss metrics are averaged over micro-batches and ranks
@@ -122,7 +130,7 @@ class TrainerGroup:
         return merge_step_metrics(per_rank)
 
     def save_weights(self, path: str) -> float:
-        """Write one bf16 safetensors file (HF names, lm_head included) atomically; returns seconds taken."""
+        """Write one bf16 safetensors file (HF names, no tied lm_head, no value head) atomically; returns seconds."""
         started = time.monotonic()
         self._call(SaveWeights(str(path)))
         return time.monotonic() - started

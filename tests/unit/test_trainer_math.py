@@ -86,11 +86,12 @@ def test_micro_batches_respect_the_padded_token_budget():
     lengths = [3, 5, 2, 8, 1, 1, 20, 4]
     batch = TrainBatch([[1] * n for n in lengths], [[]] * len(lengths), [[]] * len(lengths))
     groups = micro_batches(batch, token_budget=10)
-    assert groups == [[0, 1], [2], [3], [4, 5], [6], [7]]
-    assert [i for g in groups for i in g] == list(range(len(lengths)))  # consecutive, nothing lost
+    # by length: 4(1) 5(1) 2(2) | 0(3) 7(4) | 1(5) | 3(8) | 6(20, alone over budget); rows x longest <= 10
+    assert groups == [[4, 5, 2], [0, 7], [1], [3], [6]]
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sequence exactly once
     for g in groups:
         assert len(g) * max(lengths[i] for i in g) <= 10 or len(g) == 1
-    assert micro_batches(batch, token_budget=1000) == [list(range(8))]
+    assert micro_batches(batch, token_budget=1000) == [[4, 5, 2, 0, 7, 1, 3, 6]]
 
 
 def test_work_plan_shards_round_robin_and_splits_minibatches():
