@@ -148,7 +148,7 @@ class AlgorithmConfig(_Section):
     mc_max_new_tokens: int | None = Field(None, ge=1, description="VinePPO: continuation length cap (None: generator.max_new_tokens)")
     step_split: Literal["newline", "sentence", "auto"] = Field("auto", description="VinePPO: step boundaries (auto: newlines and sentence ends, numbers kept whole)")
     max_steps_per_response: int = Field(8, ge=1, description="VinePPO: at most this many steps per response (adjacent steps merged)")
-    truncation_penalty: float = Field(0.0, description="PPO/VinePPO: reward of a response or continuation cut by the length limit")
+    truncation_penalty: float | None = Field(0.0, description="PPO/VinePPO: reward of a response or continuation cut by the length limit (null: keep its score)")
 
 
 class TrainConfig(_Section):

@@ -108,4 +108,25 @@ def rollout_metrics(groups: list[list[Completion]], scores: list[list[Score]], r
         "response/len_mean": lengths.mean().item(),
         "response/len_max": lengths.max().item(),
         "response/truncated": sum(c.finish_reason == "length" for g in groups for c in g) / len(flat),
+        **_component_means(flat),
+        **_episode_metrics([c for g in groups for c in g]),
     }
+
+
+def _component_means(scores: list[Score]) -> dict[str, float]:
+    """Each reward component (multi-component rewards such as the RAG env's) as its own batch mean."""
+    names = sorted({n for s in scores for n in s.info.get("components", {})})
+    return {f"reward/{n}": sum(s.info.get("components", {}).get(n, 0.0) for s in scores) / len(scores) for n in names}
+
+
+def _episode_metrics(completions: list[Completion]) -> dict[str, float]:
+    """Tool-use episodes: turns, search calls and tool errors per episode (none for single-turn envs)."""
+    episodes = [c.info for c in completions if "turns" in c.info]
+    if not episodes:
+        return {}
+    n = len(episodes)
+    return {"agent/turns": sum(e["turns"] for e in episodes) / n,
+            "agent/searches": sum(len(e.get("searches", [])) for e in episodes) / n,
+            "agent/search_rate": sum(bool(e.get("searches")) for e in episodes) / n,
+            "agent/tool_errors": sum(e.get("tool_errors", 0) for e in episodes) / n,
+            "agent/answered": sum(e.get("answer") is not None for e in episodes) / n}

@@ -67,9 +67,10 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
     return StepOutput(groups, scores, masked_mean(adv_B_T, mask_B_T, dim=-1).view_as(rewards_P_G), metrics)
 
 
-def penalize_truncated(scores: list[list[Score]], groups: list[list[Completion]], penalty: float) -> torch.Tensor:
-    """Rewards (P, G); a completion cut by the length limit gets ``penalty`` instead of its score."""
-    return torch.tensor([[penalty if c.finish_reason == "length" else s.reward for c, s in zip(g, sg, strict=True)]
+def penalize_truncated(scores: list[list[Score]], groups: list[list[Completion]], penalty: float | None) -> torch.Tensor:
+    """Rewards (P, G); a completion cut by the length limit gets ``penalty`` instead of its score (None: keeps it)."""
+    return torch.tensor([[penalty if c.finish_reason == "length" and penalty is not None else s.reward
+                          for c, s in zip(g, sg, strict=True)]
                          for g, sg in zip(groups, scores, strict=True)], dtype=torch.float64)
 
 

@@ -14,6 +14,7 @@ from raylign.envs import make_env
 from raylign.envs.base import Problem, Score
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.cluster import ray_cluster
+from raylign.orchestrator.episodes import CombinedRewards, ToolEpisodes, rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.tracking import Tracker
@@ -42,7 +43,8 @@ def eval_metrics(groups: list[list[Completion]], scores: list[list[Score]], k: i
     return metrics
 
 
-def evaluate(problems: list[Problem], prompts_ids: list[list[int]], gens: GeneratorPool, rewards: RewardPool,
+def evaluate(problems: list[Problem], prompts_ids: list[list[int]], gens: GeneratorPool | ToolEpisodes,
+             rewards: RewardPool | CombinedRewards,
              spec: SamplingSpec, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
     """Generate, score and summarise; returns metrics and one record per sample."""
     with tqdm(total=len(problems), desc=desc, unit="prompt") as bar:
@@ -81,8 +83,8 @@ def run_eval(cfg: Config) -> dict:
         tracker.log_config(cfg)
         with ray_cluster(cfg.ray):
             gens = GeneratorPool(model_path, cfg.model, cfg.generator)
-            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward)
-            metrics, records = evaluate(problems, prompts_ids, gens, rewards, gens.spec())
+            rollouts, rewards = rollout_stack(cfg, gens, RewardPool(cfg.env, cfg.dataset, cfg.reward), tokenizer)
+            metrics, records = evaluate(problems, prompts_ids, rollouts, rewards, gens.spec())
             metrics.update({f"reward_events/{k}": v for k, v in rewards.counters().items()})
         write_jsonl(out_dir / "samples.jsonl", records)
         summary = {**metrics, "n": len(problems), "samples_per_problem": cfg.generator.n, "model": cfg.model.name,

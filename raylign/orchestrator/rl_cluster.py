@@ -13,6 +13,7 @@ from pathlib import Path
 from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.envs.base import Problem, Score
+from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.metrics import PhaseTimer
 from raylign.orchestrator.reward_pool import RewardPool
@@ -38,7 +39,9 @@ class RayCluster:
             self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
                                         total_steps=optimizer_steps, critic=critic)
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
-            self.rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn)
+            # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
+            self.rollouts, self.rewards = rollout_stack(
+                cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn), tokenizer)
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
         for p in problems:
@@ -49,7 +52,7 @@ class RayCluster:
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
         with self.timer.phase("generate"):
             spec = self.generators.spec(n=n, temperature=temperature)
-            groups = self.generators.generate(self.prompt_ids(problems), spec)
+            groups = self.rollouts.generate(self.prompt_ids(problems), spec)
         stale = {c.policy_version for g in groups for c in g} - {self.version}
         assert not stale, f"off-policy samples in synchronous mode: versions {stale}, trainer at {self.version}"
         self.tokens_generated += sum(len(c.token_ids) for g in groups for c in g)
@@ -119,5 +122,7 @@ class RayCluster:
 
     def shutdown(self) -> None:
         self.trainer.shutdown()
+        if self.rollouts is not self.generators:
+            self.rollouts.shutdown()
         self.generators.shutdown()
         self.weights_path.unlink(missing_ok=True)

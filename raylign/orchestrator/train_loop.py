@@ -33,7 +33,7 @@ ALGORITHMS = {"grpo": policy_gradient_step, "rloo": policy_gradient_step, "reinf
 def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_dir: Path) -> dict:
     spec = cluster.generators.spec(n=1, temperature=0.0)
     with cluster.timer.phase(name):
-        metrics, records = evaluate(problems, cluster.prompt_ids(problems), cluster.generators, cluster.rewards,
+        metrics, records = evaluate(problems, cluster.prompt_ids(problems), cluster.rollouts, cluster.rewards,
                                     spec, desc=name)
     with (out_dir / f"{name}.jsonl").open("w") as f:
         for r in records:

@@ -8,7 +8,7 @@ PRESET = Path(__file__).resolve().parents[2] / "configs/grpo_arith.yaml"
 
 TINY = ["env.num_problems=16", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
         "generator.max_new_tokens=8", "generator.kv_cache_gb=0.25", "trainer.lr=1e-3", "trainer.micro_batch_tokens=256",
-        "trainer.num_cpus_per_worker=1", "train.eval_limit=4", "seed=3"]
+        "trainer.num_cpus_per_worker=1", "trainer.num_workers=2", "train.eval_limit=4", "seed=3"]
 
 
 def tiny_config(tiny_model, tmp_path, *extra):

@@ -24,7 +24,8 @@ HEAD = "raylign_value_head.weight"
 def ppo_cluster(ray_session, tiny_model, tmp_path_factory):
     cfg = tiny_config(tiny_model, tmp_path_factory.mktemp("c"), "algorithm.name=ppo", "algorithm.critic=value_head",
                       "algorithm.group_size=4", "algorithm.epochs=2", "algorithm.minibatches=2",
-                      "algorithm.mc_rollouts=3", "algorithm.max_steps_per_response=3")
+                      "algorithm.mc_rollouts=3", "algorithm.max_steps_per_response=3",
+                      "algorithm.truncation_penalty=null")  # 8 random tokens are always truncated
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="itest-ppo",
                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), reward_fn=vowel_reward)
     yield cfg, rc

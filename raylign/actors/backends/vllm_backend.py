@@ -35,6 +35,7 @@ class VLLMBackend:
             top_p=spec.top_p,
             max_tokens=spec.max_new_tokens,
             stop=list(spec.stop) or None,
+            include_stop_str_in_output=True,  # multi-turn envs read the closing tag that ended a turn
             ignore_eos=spec.ignore_eos,
             logprobs=0,  # the sampled token's logprob only
         )
