@@ -1,4 +1,5 @@
-"""`raylign eval|train CONFIG [key=value ...]` and `raylign config` (every field with its doc)."""
+"""`raylign eval|train CONFIG [key=value ...]`, `raylign index build CONFIG [key=value ...]` and `raylign config`
+(every field with its doc)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,22 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    import logging
+
+    from raylign.envs.rag.store import DocumentStore, corpus_documents, describe
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, args.overrides)
+    docs, label = corpus_documents(cfg)
+    info = describe(DocumentStore.build(docs, cfg.rag, progress=True))
+    print(f"{'reusing' if info['reused'] else 'built'} index at {info['path']}")
+    print(f"corpus:    {label}")
+    print(f"documents: {info['documents']}   chunks: {info['chunks']}   embedding model: {info['embedding_model']}")
+    print(f"reused:    {info['reused']}" + ("" if info["reused"] else f"   build time: {info['build_s']:.1f} s"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
@@ -66,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
         p.set_defaults(fn=fn)
+    index = sub.add_parser("index", help="document indexes of the rag env").add_subparsers(dest="action", required=True)
+    p = index.add_parser("build", help="build (or reuse) the ChromaDB + BM25 index that rag.* describes")
+    p.add_argument("config", help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rag.chunk_chars=600")
+    p.set_defaults(fn=_index_build)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -12,3 +12,10 @@ __all__ = [
     "COMBINERS", "COMPONENTS", "LAST_TURN_NOTE", "Action", "RagEnv", "combine_batch", "format_error",
     "format_results", "parse_action", "run_episodes", "score_trajectory",
 ]
+
+# Retrieval side (corpus, store): chromadb, bm25s and sentence-transformers load lazily, on first use.
+from raylign.envs.rag.corpus import Document, QARecord, load_corpus, load_qa, synthetic_corpus  # noqa: E402
+from raylign.envs.rag.store import DocumentStore, Hit, build_store, qa_records  # noqa: E402
+
+__all__ += ["Document", "DocumentStore", "Hit", "QARecord", "build_store", "load_corpus", "load_qa", "qa_records",
+            "synthetic_corpus"]
