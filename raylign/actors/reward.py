@@ -15,7 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import ray
 
-from raylign.config import DatasetConfig, EnvConfig
+from raylign.config import DatasetConfig, EnvConfig, RagConfig
 from raylign.envs import make_env
 from raylign.envs.base import Problem, Score
 
@@ -28,8 +28,13 @@ def failed_score(event: str, detail: str = "") -> Score:
 
 @ray.remote
 class RewardActor:
-    def __init__(self, env_cfg: EnvConfig, dataset_cfg: DatasetConfig, timeout_s: float, reward_fn: RewardFn | None = None):
-        self.reward_fn = reward_fn or make_env(env_cfg, dataset_cfg).reward
+    def __init__(self, env_cfg: EnvConfig, dataset_cfg: DatasetConfig, timeout_s: float, reward_fn: RewardFn | None = None,
+                 rag_cfg: RagConfig | None = None):
+        if reward_fn is None:
+            env = make_env(env_cfg, dataset_cfg, rag_cfg)
+            getattr(env, "warmup", lambda: None)()
+            reward_fn = env.reward
+        self.reward_fn = reward_fn
         self.timeout_s = timeout_s
         self.events: Counter[str] = Counter()
         self.pool = ThreadPoolExecutor(max_workers=4)

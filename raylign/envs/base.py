@@ -38,3 +38,6 @@ class Env(Protocol):
     def problems(self, split: str) -> list[Problem]: ...
 
     def reward(self, problem: Problem, completion: str) -> Score: ...
+
+    # Optional: ``warmup(self) -> None`` loads what ``reward`` needs (models, indexes) before the first timed
+    # call; reward actors run it when they start.

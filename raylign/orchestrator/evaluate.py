@@ -70,7 +70,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def run_eval(cfg: Config) -> dict:
     """The whole `raylign eval` command. Everything that can fail on bad input fails before Ray starts."""
-    env = make_env(cfg.env, cfg.dataset)
+    env = make_env(cfg.env, cfg.dataset, cfg.rag)
     problems = env.problems(cfg.dataset.split)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -83,7 +83,7 @@ def run_eval(cfg: Config) -> dict:
         tracker.log_config(cfg)
         with ray_cluster(cfg.ray):
             gens = GeneratorPool(model_path, cfg.model, cfg.generator)
-            rollouts, rewards = rollout_stack(cfg, gens, RewardPool(cfg.env, cfg.dataset, cfg.reward), tokenizer)
+            rollouts, rewards = rollout_stack(cfg, gens, RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag), tokenizer)
             metrics, records = evaluate(problems, prompts_ids, rollouts, rewards, gens.spec())
             metrics.update({f"reward_events/{k}": v for k, v in rewards.counters().items()})
         write_jsonl(out_dir / "samples.jsonl", records)

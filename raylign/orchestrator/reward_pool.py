@@ -9,14 +9,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from raylign.actors.reward import RewardActor, RewardFn, failed_score
-from raylign.config import DatasetConfig, EnvConfig, RewardConfig
+from raylign.config import DatasetConfig, EnvConfig, RagConfig, RewardConfig
 from raylign.envs.base import Problem, Score
 
 
 class RewardPool:
     def __init__(self, env_cfg: EnvConfig, dataset_cfg: DatasetConfig, cfg: RewardConfig,
-                 reward_fn: RewardFn | None = None):
-        self.args = (env_cfg, dataset_cfg, cfg.timeout_s, reward_fn)
+                 reward_fn: RewardFn | None = None, rag_cfg: RagConfig | None = None):
+        self.args = (env_cfg, dataset_cfg, cfg.timeout_s, reward_fn, rag_cfg)
         self.cfg = cfg
         self.actors = [self._start() for _ in range(cfg.num_actors)]
         self.failures: Counter[str] = Counter()

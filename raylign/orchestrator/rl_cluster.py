@@ -41,7 +41,7 @@ class RayCluster:
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
             # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
             self.rollouts, self.rewards = rollout_stack(
-                cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn), tokenizer)
+                cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag), tokenizer)
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
         for p in problems:

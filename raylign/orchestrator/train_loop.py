@@ -61,7 +61,7 @@ def _trim_rollouts(path: Path, before_step: int) -> None:
 def train(cfg: Config, reward_fn=None) -> dict:
     """The whole training run; bad config, data or model names fail before Ray starts."""
     started = time.perf_counter()
-    env = make_env(cfg.env, cfg.dataset)
+    env = make_env(cfg.env, cfg.dataset, cfg.rag)
     train_problems = env.problems("train")
     eval_problems = env.problems(cfg.train.eval_split)[:cfg.train.eval_limit]
     model_path = resolve_model(cfg.model)

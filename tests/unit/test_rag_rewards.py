@@ -124,7 +124,10 @@ def test_env_problems_and_reward():
     env = RagEnv({"train": [Record("What is the capital of France?", "Paris", "d paris")]}, cfg, embed=fake_embed)
     (problem,) = env.problems("train")
     assert problem.id == "rag-train-0" and problem.answer == "Paris" and problem.meta == {"gold_doc": "d paris"}
-    assert problem.messages[1] == {"role": "user", "content": "What is the capital of France?"}
+    # system prompt, the worked example (search, result, answer), then the question
+    assert [m["role"] for m in problem.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert problem.messages[2]["content"].startswith("<search>") and problem.messages[4]["content"].startswith("<answer>")
+    assert problem.messages[-1] == {"role": "user", "content": "What is the capital of France?"}
     assert "<search>" in problem.messages[0]["content"] and "at most 3 turns" in problem.messages[0]["content"]
     with pytest.raises(ValueError, match="not 'test'"):
         env.problems("test")

@@ -17,10 +17,19 @@ from raylign.envs.base import Problem, Score
 from raylign.envs.rag.rewards import COMPONENTS, Embed, minilm_embed, score_trajectory
 
 SYSTEM_PROMPT = (
-    "Answer the question. You can search documents: write <search>your query</search> and results come "
-    "back in <result></result>. When you know the answer, write <answer>short answer</answer>. "
-    "You have at most {max_turns} turns."
+    "Answer with the help of a search tool. Write <search>keywords</search> to search; results come back in "
+    "<result></result>. Finish with <answer>short answer</answer>. You have at most {max_turns} turns."
 )
+# One worked exchange before the question. Measured on SmolLM2-135M-Instruct (4 questions x 4 samples, T=1):
+# with the instructions alone (system or user message) it never writes a tagged search (0/16); after this
+# example it does in 6/16, which gives GRPO something to reinforce. The example's facts are invented and
+# appear in no corpus.
+EXAMPLE = [
+    {"role": "user", "content": "Who founded the Dravik Society?"},
+    {"role": "assistant", "content": "<search>Dravik Society founder</search>"},
+    {"role": "user", "content": "<result>\n[example] The Dravik Society was founded in 1901 by Ona Pell.\n</result>"},
+    {"role": "assistant", "content": "<answer>Ona Pell</answer>"},
+]
 
 
 class QARecordLike(Protocol):
@@ -30,7 +39,7 @@ class QARecordLike(Protocol):
 
 
 def build_messages(question: str, max_turns: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT.format(max_turns=max_turns)},
+    return [{"role": "system", "content": SYSTEM_PROMPT.format(max_turns=max_turns)}, *EXAMPLE,
             {"role": "user", "content": question}]
 
 
@@ -59,6 +68,11 @@ class RagEnv:
         return [Problem(f"rag-{split}-{i}", build_messages(r.question, self.cfg.max_turns), str(r.answer),
                         {"gold_doc": str(r.doc_id)})
                 for i, r in enumerate(self._records(split))]
+
+    def warmup(self) -> None:
+        """Load the similarity embedder now, so the first reward does not spend its timeout loading it."""
+        if "similarity" in self.cfg.rewards:
+            self.embed(["warm up"])
 
     def reward(self, problem: Problem, completion: str) -> Score:
         return score_trajectory(problem, completion, list(self.cfg.rewards), self.embed, self.cfg.max_query_chars)
