@@ -88,6 +88,10 @@ def summarise(results: dict) -> dict:
     ppo_steps = steps_to_reach(results["ppo"]["curve"], ppo_best)
     vine_steps = steps_to_reach(results["vineppo"]["curve"], ppo_best)
     ratio = ppo_steps / vine_steps if vine_steps else None
+    # Under a short budget VinePPO may stop before PPO's best; compare at the best accuracy both reached too.
+    common = max(a for a in {p["accuracy"] for p in results["ppo"]["curve"]}
+                 if steps_to_reach(results["vineppo"]["curve"], a) is not None)
+    common_ratio = steps_to_reach(results["ppo"]["curve"], common) / max(1, steps_to_reach(results["vineppo"]["curve"], common))
     vine = results["vineppo"]
     return {
         "config": {"model": "smollm2-135m-instruct", "env": "arith difficulty 1", "common_overrides": COMMON,
@@ -95,6 +99,8 @@ def summarise(results: dict) -> dict:
         "algorithms": results,
         "ppo_best_accuracy": ppo_best, "ppo_steps_to_best": ppo_steps, "vineppo_steps_to_ppo_best": vine_steps,
         "vineppo_steps_to_ppo_best_ratio": ratio,
+        "best_common_accuracy": common, "vineppo_steps_ratio_at_best_common_accuracy": common_ratio,
+        "seconds_per_iteration": {k: v["train_s"] / max(1, v["iterations"]) for k, v in results.items()},
         "vineppo_mc_token_overhead": vine["tokens_mc_rollouts"] / max(1, vine["tokens_train"]),
         "best_accuracy": {k: max(p["accuracy"] for p in v["curve"]) for k, v in results.items()},
     }
@@ -127,12 +133,16 @@ def plot(summary: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=sorted(PRESETS))
+    parser.add_argument("--replot", action="store_true", help="re-summarise and re-plot the saved results")
     args = parser.parse_args()
     if args.part:
         print("RESULT " + json.dumps(part(args.part)))
         return
-    results = {name: run_part(__file__, name) for name in ("ppo", "vineppo", "grpo")}
+    saved = json.loads((RESULTS / "credit_assignment.json").read_text()) if args.replot else None
+    results = saved["algorithms"] if saved else {name: run_part(__file__, name) for name in ("ppo", "vineppo", "grpo")}
     summary = summarise(results)
+    if saved:
+        summary["config"] = saved["config"]  # the settings the saved curves were measured with
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "credit_assignment.json").write_text(json.dumps(summary, indent=2))
     plot(summary, RESULTS / "credit_assignment.png")
