@@ -119,7 +119,7 @@ def plot(summary: dict, path: Path) -> None:
         ys = [100 * p["accuracy"] for p in res["curve"]]
         axes[0].plot(xs, ys, marker="o", label=name)
         axes[1].plot(ts, ys, marker="o", label=name)
-    axes[0].set_xlabel("training iterations (gradient steps of 32 samples)")
+    axes[0].set_xlabel("training iterations (32 samples each; PPO and VinePPO: 2 epochs x 2 minibatches)")
     axes[1].set_xlabel("training wall-clock (min, evals excluded)")
     for ax in axes:
         ax.set_ylabel("held-out greedy accuracy (%)")
