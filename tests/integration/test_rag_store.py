@@ -59,6 +59,8 @@ def test_search_keeps_the_best_chunk_of_each_document(tmp_path):
             assert all(h.chunk_id.startswith(h.doc_id + "#") and h.text == store.chunks[h.chunk_id].text for h in hits)
             assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert store.search([], 3) == []
+    assert store.search(["and of the"], 3, "bm25") == [[]]  # only stopwords: no keyword match at all
+    assert len(store.search(["and of the"], 3, "hybrid")[0]) == 3  # dense still answers
     with pytest.raises(ValueError, match="unknown search method 'sparse'"):
         store.search(["x"], 3, "sparse")
 
@@ -133,3 +135,19 @@ def test_corpus_choice_follows_the_config(tmp_path):
     docs.write_text(json.dumps({"id": "d1", "text": "Blue whales sing."}) + "\n")
     assert corpus_documents(_cfg(tmp_path, f"rag.corpus_path={docs}"))[0][0].id == "d1"
     assert corpus_documents(_cfg(tmp_path))[1] == "synthetic (300 facts, seed 7)"
+
+
+def test_index_build_command_builds_then_reuses(tmp_path, capsys):
+    from raylign.cli import main
+
+    preset = tmp_path / "rag.yaml"
+    preset.write_text(f"rag:\n  index_dir: {tmp_path / 'idx'}\n  synthetic_num_facts: 20\n")
+    assert main(["index", "build", str(preset)]) == 0
+    first = capsys.readouterr().out
+    assert main(["index", "build", str(preset)]) == 0
+    second = capsys.readouterr().out
+    path = first.splitlines()[0].removeprefix("built index at ")
+    assert second.splitlines()[0] == f"reusing index at {path}" and path.startswith(str(tmp_path / "idx"))
+    assert "documents: 20   chunks: 20" in first and "reused:    False" in first and "reused:    True" in second
+    assert main(["index", "build", str(preset), "rag.corpus_path=/nonexistent/docs.jsonl"]) == 2
+    assert "file not found (rag.corpus_path)" in capsys.readouterr().err

@@ -87,7 +87,8 @@ def test_load_corpus_reads_rows_and_names_bad_row_and_field(tmp_path):
     bad = _jsonl(tmp_path / "bad.jsonl", [{"id": "a", "text": "x"}] + [{"id": "b", "body": "y"}])
     with pytest.raises(DataError, match=r"bad\.jsonl: row 1: missing field 'text' \(fields: body, id\)"):
         load_corpus(bad)
-    empty = _jsonl(tmp_path / "empty.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "x"}, {"id": "c", "text": " "}])
+    empty = _jsonl(tmp_path / "empty.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "x"},
+                                              {"id": "c", "text": " "}])
     with pytest.raises(DataError, match=r"empty\.jsonl: row 2: empty field 'text'"):
         load_corpus(empty)
     dup = _jsonl(tmp_path / "dup.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}])
@@ -109,7 +110,7 @@ def test_load_qa_names_row_and_field_and_samples_with_limit(tmp_path):
     assert len(sample) == 4 and sample == load_qa(path, limit=4, seed=1) and sample != qa[:4]
     assert [int(r.id.split("/")[1]) for r in sample] == sorted(int(r.id.split("/")[1]) for r in sample)
     bad = _jsonl(tmp_path / "badqa.jsonl", rows[:5] + [{"qid": "x", "question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"badqa\.jsonl: row 5: missing field 'doc_id' \(fields: answer, qid, question\)"):
+    with pytest.raises(DataError, match=r"badqa\.jsonl: row 5: missing field 'doc_id' \(fields: answer, qid, question"):
         load_qa(bad)
 
 

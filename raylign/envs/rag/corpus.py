@@ -66,7 +66,8 @@ def chunk_spans(text: str, chunk_chars: int, overlap: int) -> list[tuple[int, in
         if end >= n:
             break
         nxt = max(end - overlap, start + 1)
-        if not (_WS.match(text[nxt - 1]) or _WS.match(text[nxt])):  # back to a word start, if one is near: the overlap grows a little
+        # Back to a word start if one is near (the overlap grows a little).
+        if not (_WS.match(text[nxt - 1]) or _WS.match(text[nxt])):
             lo = max(start + 1, nxt - chunk_chars // 4)
             nxt = max((m.end() for m in _WS.finditer(text, lo - 1, nxt - 1)), default=nxt)
         start = nxt
@@ -224,7 +225,8 @@ def _document_text(rng: random.Random, e: dict[str, str], rival: dict[str, str],
             f"It has long been a rival of the {rival['name']}.",
             f"A portrait of the {guest['profession']} {guest['founder']} hangs in its hall."]
     rng.shuffle(rest)
-    first = f"The {e['name']} was founded in {e['year']} in the town of {e['town']} by {e['profession']} {e['founder']}."
+    first = (f"The {e['name']} was founded in {e['year']} in the town of {e['town']} "
+             f"by {e['profession']} {e['founder']}.")
     return " ".join([first, *rest])
 
 

@@ -129,7 +129,8 @@ def embed(model, texts: list[str], progress: bool = False, batch_size: int = 64)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     parts = [model.encode([texts[j] for j in order[i:i + batch_size]], batch_size=batch_size,
                           normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-             for i in tqdm(range(0, len(texts), batch_size), desc="embedding chunks", unit="batch", disable=not progress)]
+             for i in tqdm(range(0, len(texts), batch_size), desc="embedding chunks", unit="batch",
+                           disable=not progress)]
     if not parts:
         return np.zeros((0, model.get_embedding_dimension()), np.float32)
     vectors_N_D = np.empty((len(texts), parts[0].shape[1]), np.float32)
@@ -150,10 +151,15 @@ def _chroma_client(path: Path):
     return chromadb.PersistentClient(str(path), settings=Settings(anonymized_telemetry=False))
 
 
-def _release_chroma() -> None:
-    from chromadb.api.client import SharedSystemClient
+def _close_chroma(client) -> None:
+    """Stop this client's ChromaDB system (files closed) without touching other open stores in the process."""
+    from chromadb.api.shared_system_client import SharedSystemClient
 
-    SharedSystemClient.clear_system_cache()
+    ident = client._identifier
+    SharedSystemClient._identifier_to_refcount.pop(ident, None)
+    system = SharedSystemClient._identifier_to_system.pop(ident, None)
+    if system is not None:
+        system.stop()
 
 
 def _chroma_ef(model, model_name: str):
@@ -178,9 +184,10 @@ def _write_index(tmp: Path, chunks: list[Chunk], model, rag: RagConfig, progress
         part = chunks[i:i + step]
         collection.add(ids=[c.id for c in part], embeddings=vectors_N_D[i:i + step], documents=[c.text for c in part],
                        metadatas=[{"doc_id": c.doc_id} for c in part])
-    assert collection.count() == len(chunks), "ChromaDB lost chunks while building"
-    del collection, client
-    _release_chroma()
+    if collection.count() != len(chunks):
+        raise RuntimeError(f"ChromaDB holds {collection.count()} of {len(chunks)} chunks after adding them")
+    del collection
+    _close_chroma(client)
     retriever = bm25s.BM25()
     retriever.index(_tokenize([c.text for c in chunks]), show_progress=False)
     retriever.save(str(tmp / "bm25"))
@@ -196,7 +203,8 @@ class DocumentStore:
 
         self.path, self.rag, self.reused = Path(path), rag, reused
         if not (self.path / READY).exists():
-            raise DataError(f"{self.path}: not a complete index (no {READY} marker); rebuild with `raylign index build`")
+            raise DataError(f"{self.path}: not a complete index (no {READY} marker); "
+                            "rebuild it with `raylign index build`")
         self.meta = json.loads((self.path / "meta.json").read_text())
         if self.meta["embedding_model"] != rag.embedding_model:
             raise DataError(f"{self.path} was built with embedding model {self.meta['embedding_model']!r}, "
@@ -206,7 +214,8 @@ class DocumentStore:
         self.chunks = {c.id: c for c in self.chunk_list}
         self.model = load_embedder(rag.embedding_model)
         client = _chroma_client(self.path / "chroma")
-        self.collection = client.get_collection("chunks", embedding_function=_chroma_ef(self.model, rag.embedding_model))
+        self.collection = client.get_collection("chunks",
+                                                embedding_function=_chroma_ef(self.model, rag.embedding_model))
         self.bm25 = bm25s.BM25.load(str(self.path / "bm25"))
 
     @property
