@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def head_node():
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     # Ray's unix sockets live under --temp-dir and must stay under ~107 characters: keep the path short.
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -35,6 +35,10 @@ def head_node():
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=8", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # The test session's own Ray cluster already holds the default agent ports (52365 ...); a head whose
+         # dashboard agent cannot bind never gets one, and every submit answers "No available agent".
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(f"{temp_dir}.log", "w"), start_new_session=True)
     deadline = time.time() + 90
