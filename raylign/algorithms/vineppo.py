@@ -9,8 +9,9 @@ Every token of a step gets its step's advantage; the loss is PPO's clipped surro
 loss; continuations are only scored, never trained on. Departures and choices:
 - identical (prompt + partial response) token prefixes are estimated once for the whole batch: s_0 is shared
   by the G samples of a prompt (as the paper notes), and by identical first steps; one continue_from call.
-- a response or continuation cut by the length limit gets ``truncation_penalty`` as its reward; the
-  continuation cap mc_max_new_tokens counts new tokens only, so prefix + continuation may pass the response cap.
+- a response or continuation cut by the length limit gets ``truncation_penalty`` as its reward (null: keeps
+  its score); the continuation cap mc_max_new_tokens counts new tokens only, so prefix + continuation may pass
+  the response cap.
 - steps are capped at max_steps_per_response by merging the shortest steps (``split_steps``).
 - gamma and lam are not used (gamma = 1 as in the paper; MC values need no lambda).
 - advantages are whitened over the batch's loss-mask tokens when ``whiten_advantages``; entropy_coef > 0 adds
