@@ -184,9 +184,9 @@ class TrainerWorker:
             out = out + take_values(wrapped.inner).sum()
         return out
 
-    def _critic_values(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """V(s_t) (B, T) from the critic's forward; the policy's own forward already ran for a value head."""
-        if self.critic is not self.policy:
+    def _critic_values(self, tensors: dict[str, torch.Tensor], forward: bool) -> torch.Tensor:
+        """V(s_t) (B, T). ``forward=False``: the policy's own forward already ran and its hook holds the values."""
+        if forward:
             self.critic.model(input_ids=tensors["input_ids_B_L"], attention_mask=tensors["attention_mask_B_L"],
                               use_cache=False, logits_to_keep=1)
         return token_values(take_values(self.critic.inner), tensors)
@@ -206,9 +206,7 @@ class TrainerWorker:
                     self._dummy_forward(self.critic)
                     continue
                 tensors = self._tensors(batch.select(mine[k]))
-                if self.critic is self.policy:  # the head rides on the policy forward
-                    sequence_logprobs(self.policy.model, tensors)
-                values_B_T = self._critic_values(tensors)
+                values_B_T = self._critic_values(tensors, forward=True)
                 for row, i in enumerate(mine[k]):
                     out[i] = values_B_T[row, :len(batch.completion_ids[i])].cpu().tolist()
         return out
@@ -299,7 +297,7 @@ class TrainerWorker:
             logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True,
                                                           entropy_grad=entropy_grad)
             if "values_B_T" in wants:
-                fields["values_B_T"] = self._critic_values(tensors)
+                fields["values_B_T"] = self._critic_values(tensors, forward=self.critic is not self.policy)
             elif self.critic is self.policy:
                 take_values(self.policy.inner)  # computed by the head's hook but unused by this loss
             if "entropy_B_T" in wants:

@@ -125,15 +125,13 @@ def ppo_loss(
     values_B_T (critic, with grad) and entropy_B_T (policy, with grad) come from the trainer's forward;
     advantages_B is per token (B, T) from GAE. loss/value and loss/entropy are the unweighted terms.
     """
-    policy, metrics = policy_gradient_loss(
-        logprobs_B_T=logprobs_B_T, old_logprobs_B_T=old_logprobs_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T,
-        kl_beta=kl_beta, kl_kind=kl_kind, max_tokens=max_tokens)
+    policy, metrics = policy_entropy_loss(
+        logprobs_B_T=logprobs_B_T, entropy_B_T=entropy_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
+        old_logprobs_B_T=old_logprobs_B_T, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        entropy_coef=entropy_coef, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T, kl_beta=kl_beta, kl_kind=kl_kind,
+        max_tokens=max_tokens)
     value, value_metrics = value_loss(values_B_T, old_values_B_T, returns_B_T, mask_B_T, vf_clip)
-    entropy = entropy_bonus(entropy_B_T, mask_B_T, agg, max_tokens)
-    metrics.update(value_metrics)
-    metrics["loss/entropy"] = entropy.item()
-    return policy + vf_coef * value - entropy_coef * entropy, metrics
+    return policy + vf_coef * value, {**metrics, **value_metrics}
 
 
 def policy_entropy_loss(
