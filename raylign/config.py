@@ -95,6 +95,8 @@ class GeneratorConfig(_Section):
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM KV cache size in GiB (CPU RAM or GPU memory)")
     enable_prefix_caching: bool | None = Field(None, description="None: on when n > 1")
     batch_size: int = Field(64, ge=1, description="prompts per generate call per replica")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None: the machine's cores / num_replicas (generation never overlaps training)")
+    engine_process: bool | None = Field(None, description="vLLM: run the engine core in its own process (vLLM's default); None: only with GPUs. On CPU, vLLM reserves a core for that process's busy scheduler")
 
 
 class RewardConfig(_Section):

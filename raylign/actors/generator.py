@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -17,8 +18,12 @@ Prompt = list[int] | list[dict[str, str]]  # token ids, or chat messages rendere
 @ray.remote
 class GeneratorActor:
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, replica: int = 0):
+        import torch
         from transformers import AutoTokenizer
 
+        # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (often 1); in synchronous RL nothing else computes
+        # while the replicas generate, so they share the machine's cores.
+        torch.set_num_threads(gen_cfg.torch_threads or max(1, (os.cpu_count() or 1) // gen_cfg.num_replicas))
         self.replica = replica
         self.version = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)

@@ -86,12 +86,22 @@ def test_micro_batches_respect_the_padded_token_budget():
     lengths = [3, 5, 2, 8, 1, 1, 20, 4]
     batch = TrainBatch([[1] * n for n in lengths], [[]] * len(lengths), [[]] * len(lengths))
     groups = micro_batches(batch, token_budget=10)
-    # by length: 4(1) 5(1) 2(2) | 0(3) 7(4) | 1(5) | 3(8) | 6(20, alone over budget); rows x longest <= 10
-    assert groups == [[4, 5, 2], [0, 7], [1], [3], [6]]
+    # by length: 4(1) 5(1) | 2(2) 0(3) | 7(4) 1(5) | 3(8) | 6(20, alone over budget); rows x longest <= 10.
+    # Five forwards either way; this cut pads 46 tokens, filling greedily (1 1 2 | 3 4 | 5 | ...) pads 47.
+    assert groups == [[4, 5], [2, 0], [7, 1], [3], [6]]
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sequence exactly once
     for g in groups:
         assert len(g) * max(lengths[i] for i in g) <= 10 or len(g) == 1
     assert micro_batches(batch, token_budget=1000) == [[4, 5, 2, 0, 7, 1, 3, 6]]
+
+
+def test_micro_batches_cut_where_padding_costs_more_than_a_forward():
+    lengths = [10, 100, 10, 10]
+    batch = TrainBatch([[1] * n for n in lengths], [[]] * 4, [[]] * 4)
+    # one group fits the budget (4 x 100 = 400) but pads 270 tokens, more than one extra forward costs
+    assert micro_batches(batch, token_budget=400) == [[0, 2, 3], [1]]
+    same = TrainBatch([[1] * 50] * 4, [[]] * 4, [[]] * 4)
+    assert micro_batches(same, token_budget=400) == [[0, 1, 2, 3]]  # no padding: one forward
 
 
 def test_work_plan_shards_round_robin_and_splits_minibatches():
