@@ -129,11 +129,16 @@ def summarise(ours: dict, trl: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["raylign", "trl"])
+    parser.add_argument("--reuse-trl", action="store_true",
+                        help="take TRL's side from the existing results file (same machine) instead of re-running it")
     args = parser.parse_args()
     if args.part:
         print("RESULT " + json.dumps({"raylign": part_raylign, "trl": part_trl}[args.part]()))
         return
-    trl = run_part(__file__, "trl")  # first: the part most likely to break on a TRL API change
+    if args.reuse_trl:
+        trl = json.loads((RESULTS / "grpo_step.json").read_text())["raw"]["trl"]
+    else:
+        trl = run_part(__file__, "trl")  # first: the part most likely to break on a TRL API change
     result = summarise(run_part(__file__, "raylign"), trl)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "grpo_step.json").write_text(json.dumps(result, indent=2))

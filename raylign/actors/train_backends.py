@@ -45,6 +45,14 @@ def _device_type(cfg: TrainerConfig) -> str:
     return "cuda" if cfg.use_gpu else "cpu"
 
 
+def _reshard_after_forward() -> bool:
+    # One rank holds every parameter anyway: keeping the bf16 copy from forward to backward costs ~2 bytes per
+    # parameter and saves re-casting the fp32 weights for every micro-batch's backward.
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_world_size() > 1
+
+
 def wrap_fsdp2(model: nn.Module, cfg: TrainerConfig) -> Wrapped:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -55,7 +63,7 @@ def wrap_fsdp2(model: nn.Module, cfg: TrainerConfig) -> Wrapped:
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in list(model.modules()):
         if type(module).__name__ in block_names:
-            fully_shard(module, mp_policy=policy)
+            fully_shard(module, mp_policy=policy, reshard_after_forward=_reshard_after_forward())
     fully_shard(model, mp_policy=policy)
 
     @contextmanager
