@@ -61,9 +61,10 @@ def wrap_fsdp2(model: nn.Module, cfg: TrainerConfig) -> Wrapped:
     # Shard each transformer block on its own (the HF "no split" classes), then the root: the root group
     # holds embeddings, final norm and the lm_head, so a tied embedding stays one parameter.
     block_names = set(getattr(model, "_no_split_modules", None) or [])
+    reshard = _reshard_after_forward()
     for module in list(model.modules()):
         if type(module).__name__ in block_names:
-            fully_shard(module, mp_policy=policy, reshard_after_forward=_reshard_after_forward())
+            fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=policy)
 
     @contextmanager

@@ -109,8 +109,7 @@ def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     entropy_B_T = None
     if with_entropy or entropy_grad:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            logp = logp_B_K_V if torch.is_grad_enabled() else logp_B_K_V.detach()
-            entropy_B_K = -torch.einsum("bkv,bkv->bk", logp.exp(), logp)
+            entropy_B_K = -torch.einsum("bkv,bkv->bk", logp_B_K_V.exp(), logp_B_K_V)
             entropy_B_T = entropy_B_K[rows_B_1, index_B_T] * valid_B_T
     return logprobs_B_T, entropy_B_T
 

@@ -74,6 +74,15 @@ def test_sequence_logprobs_equal_a_hand_loop_over_hf_forward(model):
     assert logprobs_B_T[0, 2:].tolist() == [0.0, 0.0] and logprobs_B_T[2].tolist() == [0.0] * 4
 
 
+def test_entropy_is_a_metric_unless_it_is_a_loss_term(model):
+    tensors = pad_batch(_batch(), PAD)
+    logprobs_B_T, metric_B_T = sequence_logprobs(model, tensors, with_entropy=True)
+    assert logprobs_B_T.requires_grad and not metric_B_T.requires_grad
+    _, bonus_B_T = sequence_logprobs(model, tensors, entropy_grad=True)
+    assert bonus_B_T.requires_grad
+    assert torch.allclose(bonus_B_T.detach(), metric_B_T)
+
+
 def test_sequence_logprobs_carry_gradient(model):
     logprobs_B_T, entropy_B_T = sequence_logprobs(model, pad_batch(_batch(), PAD))
     logprobs_B_T.sum().backward()
