@@ -118,6 +118,7 @@ class TrainerConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     micro_batch_tokens: int = Field(4096, ge=64, description="token budget of one forward/backward (grad accumulation)")
+    packed_row_tokens: int = Field(1024, ge=0, description="pack the samples of one prompt into rows of at most this many tokens, computing the prompt once per row (0: one sequence per row)")
     bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     ref_model: Literal["none", "trainer"] = Field("trainer", description="frozen reference model for KL: none, or a bf16 copy in each trainer worker")

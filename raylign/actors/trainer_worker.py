@@ -35,6 +35,7 @@ from raylign.actors.trainer_math import (
     check_batch,
     loss_units,
     lr_multiplier,
+    model_inputs,
     pad_batch,
     sequence_logprobs,
     token_values,
@@ -139,6 +140,8 @@ class TrainerWorker:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        # Packed rows need a custom 4D mask, which HF passes as-is to SDPA only.
+        self.row_tokens = self.cfg.packed_row_tokens if model.config._attn_implementation == "sdpa" else 0
         critic_lr = self.cfg.critic_lr or 5 * self.cfg.lr
         if spec.critic == "value_head":
             attach_value_head(model)
@@ -167,13 +170,18 @@ class TrainerWorker:
                          ExportHF: self.export_hf}
 
     def _optimizer(self, groups: list[dict]):
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel over all tensors; on CPU the default per-parameter loop took 0.7-1.0 s a step for
+        # SmolLM2-135M, fused 0.07 s (FSDP2 DTensors included)
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
             step, self.cfg.lr_schedule, self.cfg.warmup_steps, self.spec.total_steps))
         return optimizer, scheduler
 
     def _tensors(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in pad_batch(batch, self.pad_id).items()}
+        return {k: v.to(self.device) for k, v in pad_batch(batch, self.pad_id, self.row_tokens).items()}
+
+    def _plan(self, batch: TrainBatch, minibatches: int = 1) -> list[list[list[list[int]]]]:
+        return work_plan(batch, self.world, minibatches, self.cfg.micro_batch_tokens, self.row_tokens)
 
     def _dummy_forward(self, wrapped: Wrapped | None = None) -> torch.Tensor:
         # Keeps this rank in step with ranks that have more micro-batches (FSDP2 all-gathers every forward).
@@ -187,8 +195,7 @@ class TrainerWorker:
     def _critic_values(self, tensors: dict[str, torch.Tensor], forward: bool) -> torch.Tensor:
         """V(s_t) (B, T). ``forward=False``: the policy's own forward already ran and its hook holds the values."""
         if forward:
-            self.critic.model(input_ids=tensors["input_ids_B_L"], attention_mask=tensors["attention_mask_B_L"],
-                              use_cache=False, logits_to_keep=1)
+            self.critic.model(**model_inputs(tensors), logits_to_keep=1)
         return token_values(take_values(self.critic.inner), tensors)
 
     def values(self, cmd: Values) -> dict[int, list[float]]:
@@ -196,7 +203,7 @@ class TrainerWorker:
             raise ValueError("no critic in the trainer (only PPO builds one: algorithm.critic)")
         batch: TrainBatch = ray.get(cmd.batch_ref)
         check_batch(batch)
-        plan = [steps[0] for steps in work_plan(batch, self.world, 1, self.cfg.micro_batch_tokens)]
+        plan = [steps[0] for steps in self._plan(batch)]
         mine = plan[self.rank]
         self.critic.model.eval()
         out: dict[int, list[float]] = {}
@@ -218,7 +225,7 @@ class TrainerWorker:
             raise ValueError(f"no reference model in the trainer (trainer.ref_model={self.cfg.ref_model!r})")
         batch: TrainBatch = ray.get(cmd.batch_ref)
         check_batch(batch)
-        plan = [steps[0] for steps in work_plan(batch, self.world, 1, self.cfg.micro_batch_tokens)]
+        plan = [steps[0] for steps in self._plan(batch)]
         mine = plan[self.rank]
         # The unsharded reference needs no lockstep; the policy does (see _dummy_forward).
         rounds = len(mine) if cmd.which == "ref" else max(len(p) for p in plan)
@@ -256,7 +263,7 @@ class TrainerWorker:
             raise TypeError(f"loss {cmd.loss_name!r}: {e} (batch fields {sorted(batch.fields)}, "
                             f"loss_kwargs {sorted(cmd.loss_kwargs)})") from None
         agg = cmd.loss_kwargs.get("agg", "token")
-        plan = work_plan(batch, self.world, cmd.minibatches, self.cfg.micro_batch_tokens)
+        plan = self._plan(batch, cmd.minibatches)
         stats = {"sums": {}, "weight": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "grad_norms": [], "lrs": []}
         two_models = self.critic is not None and self.critic is not self.policy and "values_B_T" in wants
         models = [self.policy, self.critic] if two_models else [self.policy]
@@ -371,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
         except Exception as e:
             replies.put(Reply(READY, rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             raise
-        replies.put(Reply(READY, rank, True))
+        replies.put(Reply(READY, rank, True, {"packed_row_tokens": worker.row_tokens}))
         while True:
             cmd_id, cmd = commands.get()
             if isinstance(cmd, Stop):

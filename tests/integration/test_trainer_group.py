@@ -97,6 +97,15 @@ def test_logprobs_match_an_hf_forward_in_batch_order(group, hf_bf16):
     assert max_diff(group.logprobs(batch.select(order)), [policy[i] for i in order]) < BF16_ATOL
 
 
+def test_samples_of_one_prompt_share_a_packed_row_and_keep_their_log_probs(group, hf_bf16):
+    assert group.packed_row_tokens == 1024
+    base = make_batch(3, seed=3)
+    batch = TrainBatch([p for p in base.prompt_ids for _ in range(3)],
+                       [c[:k] for c in base.completion_ids for k in (len(c), 2, 1)],
+                       [m[:k] for m in base.loss_mask for k in (len(m), 2, 1)])
+    assert max_diff(group.logprobs(batch), hf_logprobs(hf_bf16, batch)) < BF16_ATOL
+
+
 def test_train_step_raises_logprobs_of_positive_advantages(group, tmp_path):
     batch = make_batch(seed=1)
     advantages = [1.0, -1.0, 1.0, 0.0, -1.0]

@@ -12,6 +12,7 @@ from raylign.actors.trainer_math import (
     lr_multiplier,
     merge_step_metrics,
     micro_batches,
+    pack_rows,
     pad_batch,
     sequence_logprobs,
     work_plan,
@@ -38,10 +39,22 @@ def model():
     return LlamaForCausalLM(config).eval()
 
 
+def _group_batch() -> TrainBatch:
+    """Two prompts, the first with three samples (one empty), the second with one."""
+    return TrainBatch(
+        prompt_ids=[[5, 6], [5, 6], [9], [5, 6]],
+        completion_ids=[[11, 12], [13], [14, 15], []],
+        loss_mask=[[1, 1], [0], [1, 1], []],
+        fields={"advantages_B": [1.0, 2.0, 3.0, 4.0]},
+    )
+
+
 def test_pad_batch_layout_masks_and_fields():
-    t = pad_batch(_batch(), PAD)
-    assert t["input_ids_B_L"].tolist() == [[5, 6, 7, 11, 12], [8, 13, 14, 15, 16], [9, 10, 0, 0, 0]]
-    assert t["attention_mask_B_L"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    t = pad_batch(_batch(), PAD, max_row_tokens=1024)  # distinct prompts: one sequence per row either way
+    assert t["input_ids_R_L"].tolist() == [[5, 6, 7, 11, 12], [8, 13, 14, 15, 16], [9, 10, 0, 0, 0]]
+    assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert t["position_ids_R_L"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]]
+    assert t["row_B"].tolist() == [0, 1, 2]
     assert t["target_ids_B_T"].tolist() == [[11, 12, 0, 0], [13, 14, 15, 16], [0, 0, 0, 0]]
     # completion token t of row i is predicted by the logits at P_i + t - 1
     assert t["logit_pos_B_T"].tolist() == [[2, 3, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0]]
@@ -49,6 +62,59 @@ def test_pad_batch_layout_masks_and_fields():
     assert t["mask_B_T"].tolist() == [[1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]]
     assert t["advantages_B"].tolist() == [1.0, -0.5, 0.0]
     assert t["old_logprobs_B_T"].tolist() == [[-1, -2, 0, 0], [-3, -4, -5, -6], [0, 0, 0, 0]]
+
+
+def test_pack_rows_share_a_prompt_until_the_row_cap():
+    batch = _group_batch()
+    assert pack_rows(batch, 0) == [[0], [1], [2], [3]]
+    assert pack_rows(batch, 1024) == [[0, 1, 3], [2]]
+    assert pack_rows(batch, 4) == [[0], [1, 3], [2]]  # 2 + 2 + 1 > 4: sequence 1 opens a second row
+
+
+def test_packed_layout_positions_restart_and_completions_see_only_the_prompt():
+    t = pad_batch(_group_batch(), PAD, max_row_tokens=1024)
+    # row 0: prompt 5 6, then 11 12 (seq 0), 13 (seq 1); seq 3 is empty. row 1: prompt 9, then 14 15 (seq 2)
+    assert t["input_ids_R_L"].tolist() == [[5, 6, 11, 12, 13], [9, 14, 15, 0, 0]]
+    assert t["position_ids_R_L"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
+    assert t["row_B"].tolist() == [0, 0, 1, 0]
+    # the first token of every completion is predicted by its prompt's last position
+    assert t["logit_pos_B_T"].tolist() == [[1, 2], [1, 0], [0, 1], [0, 0]]
+    assert t["target_ids_B_T"].tolist() == [[11, 12], [13, 0], [14, 15], [0, 0]]
+    assert t["mask_B_T"].tolist() == [[1, 1], [0, 0], [1, 1], [0, 0]]
+    mask = t["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5)
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # token 13 sees the prompt and itself, not the other sample's 11 12
+    ]
+    assert mask[1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 0, 0, 1, 0],  # padding sees the prompt and itself: no all-masked query row
+        [1, 0, 0, 0, 1],
+    ]
+
+
+def test_packed_rows_give_the_log_probs_and_gradients_of_separate_sequences(model):
+    batch = _group_batch()
+    grads = []
+    for row_tokens in (0, 1024):
+        logprobs_B_T, entropy_B_T = sequence_logprobs(model, pad_batch(batch, PAD, row_tokens), with_entropy=True)
+        (logprobs_B_T * torch.tensor([[1.0, -2.0], [3.0, 0.0], [0.5, 1.5], [0.0, 0.0]])).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad()
+        with torch.no_grad():
+            for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+                for t, token in enumerate(c):
+                    logits_V = model(input_ids=torch.tensor([p + c[:t]])).logits[0, -1].float()
+                    assert logprobs_B_T[i, t].item() == pytest.approx(torch.log_softmax(logits_V, -1)[token].item(),
+                                                                      abs=1e-5)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_check_batch_rejects_empty_prompt_and_misaligned_mask():
@@ -97,11 +163,11 @@ def test_micro_batches_respect_the_padded_token_budget():
     groups = micro_batches(batch, token_budget=10)
     # by length: 4(1) 5(1) | 2(2) 0(3) | 7(4) 1(5) | 3(8) | 6(20, alone over budget); rows x longest <= 10.
     # Five forwards either way; this cut pads 46 tokens, filling greedily (1 1 2 | 3 4 | 5 | ...) pads 47.
-    assert groups == [[4, 5], [2, 0], [7, 1], [3], [6]]
+    assert groups == [[4, 5], [0, 2], [1, 7], [3], [6]]  # indices ascending within a group
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sequence exactly once
     for g in groups:
         assert len(g) * max(lengths[i] for i in g) <= 10 or len(g) == 1
-    assert micro_batches(batch, token_budget=1000) == [[4, 5, 2, 0, 7, 1, 3, 6]]
+    assert micro_batches(batch, token_budget=1000) == [[0, 1, 2, 3, 4, 5, 6, 7]]
 
 
 def test_micro_batches_cut_where_padding_costs_more_than_a_forward():
@@ -113,11 +179,20 @@ def test_micro_batches_cut_where_padding_costs_more_than_a_forward():
     assert micro_batches(same, token_budget=400) == [[0, 1, 2, 3]]  # no padding: one forward
 
 
-def test_work_plan_shards_round_robin_and_splits_minibatches():
+def test_micro_batches_plan_packed_rows():
+    # 3 prompts x 2 samples; packed rows are 10 + 5 + 5 = 20 tokens (prompt once) instead of 2 x 15
+    batch = TrainBatch([[1] * 10] * 2 + [[2] * 10] * 2 + [[3] * 10] * 2, [[7] * 5] * 6, [[1] * 5] * 6)
+    assert micro_batches(batch, token_budget=40, max_row_tokens=1024) == [[0, 1, 2, 3], [4, 5]]
+    assert micro_batches(batch, token_budget=40, max_row_tokens=0) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_work_plan_shards_contiguous_blocks_and_splits_minibatches():
     batch = TrainBatch([[1]] * 7, [[2]] * 7, [[1]] * 7)
     plan = work_plan(batch, world=2, minibatches=2, token_budget=4)
-    assert plan[0] == [[[0, 2]], [[4, 6]]]
-    assert plan[1] == [[[1, 3]], [[5]]]
+    assert plan[0] == [[[0, 1]], [[2, 3]]]
+    assert plan[1] == [[[4, 5]], [[6]]]
+    # packed: rank 0's minibatch [0, 1] is one row (prompt 1, completions 2, 2) of 3 tokens
+    assert work_plan(batch, world=2, minibatches=2, token_budget=4, max_row_tokens=8)[0] == [[[0, 1]], [[2, 3]]]
     tiny = work_plan(TrainBatch([[1]], [[2]], [[1]]), world=2, minibatches=1, token_budget=64)
     assert tiny == [[[[0]]], [[]]]  # rank 1 has nothing and will run dummy forwards
 
