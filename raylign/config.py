@@ -121,7 +121,7 @@ class TrainerConfig(_Section):
     packed_row_tokens: int = Field(1024, ge=0, description="pack the samples of one prompt into rows of at most this many tokens, computing the prompt once per row (0: one sequence per row)")
     bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    ref_model: Literal["none", "trainer"] = Field("trainer", description="frozen reference model for KL: none, or a bf16 copy in each trainer worker")
+    ref_model: Literal["none", "trainer", "actor"] = Field("trainer", description="frozen reference model for KL: none, a bf16 copy in each trainer worker, or one in its own Ray actor")
     weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
 
 
@@ -200,7 +200,7 @@ class Config(_Section):
         if self.algorithm.name in ("grpo", "rloo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
         if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
-            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer")
+            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer or actor")
         return self
 
     def resolved_output_dir(self) -> Path:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
+
+from raylign.actors.reference import ReferenceActor
 from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.envs.base import Problem, Score
@@ -39,6 +42,12 @@ class RayCluster:
             self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
                                         total_steps=optimizer_steps, critic=critic)
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
+            self.reference = None
+            if cfg.trainer.ref_model == "actor":
+                self.reference = ReferenceActor.options(
+                    num_cpus=cfg.trainer.num_cpus_per_worker, num_gpus=1 if cfg.trainer.use_gpu else 0,
+                ).remote(model_path, cfg.model, cfg.trainer)
+                ray.get(self.reference.ready.remote())
             # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
             self.rollouts, self.rewards = rollout_stack(
                 cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag), tokenizer)
@@ -98,6 +107,8 @@ class RayCluster:
 
     def logprobs(self, batch: TrainBatch, which: str = "policy") -> list[list[float]]:
         with self.timer.phase("logprobs" if which == "policy" else "ref_logprobs"):
+            if which == "ref" and self.reference is not None:
+                return ray.get(self.reference.logprobs.remote(batch))
             return self.trainer.logprobs(batch, which=which)
 
     def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
@@ -125,4 +136,6 @@ class RayCluster:
         if self.rollouts is not self.generators:
             self.rollouts.shutdown()
         self.generators.shutdown()
+        if self.reference is not None:
+            ray.kill(self.reference)
         self.weights_path.unlink(missing_ok=True)

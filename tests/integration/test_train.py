@@ -54,3 +54,35 @@ def test_generator_logprobs_match_trainer_after_sync(cluster):
     trainer_logprobs = rc.logprobs(completions_batch(groups))
     for gen, ref in zip([c.logprobs for g in groups for c in g], trainer_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(gen), torch.tensor(ref), atol=0.15, rtol=0)
+
+
+def test_kl_to_a_reference_in_its_own_actor(cluster, tiny_model):
+    import ray
+
+    from raylign.actors.reference import ReferenceActor
+    from raylign.models import load_hf_model
+
+    cfg, rc = cluster
+    rc.reference = ReferenceActor.remote(tiny_model, cfg.model, cfg.trainer)
+    problems = make_env(cfg.env, cfg.dataset).problems("train")[:2]
+    groups = rc.generate(problems, n=3, temperature=1.0)  # 3 samples of one prompt share a packed row
+    batch = completions_batch(groups)
+    ref_logprobs = rc.logprobs(batch, which="ref")
+    hf = load_hf_model(tiny_model, "bfloat16").eval()
+    with torch.no_grad():
+        for p, c, got in zip(batch.prompt_ids, batch.completion_ids, ref_logprobs, strict=True):
+            logits = hf(torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(got), want, atol=0.05, rtol=0)
+    cfg.algorithm.kl_beta, state, kls = 0.5, {}, []
+    try:
+        for step in range(2):
+            rc.timer.pop()
+            out = policy_gradient_step(rc, problems, cfg.algorithm, state)
+            assert "timing/ref_logprobs" in rc.timer.pop()
+            kls.append(out.metrics["kl/mean"])
+    finally:
+        cfg.algorithm.kl_beta = 0.0
+        ray.kill(rc.reference)
+        rc.reference = None
+    assert kls[1] > 1e-4 and out.metrics["loss/kl"] > 0  # the policy has moved away from the frozen copy

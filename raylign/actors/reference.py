@@ -1,0 +1,52 @@
+"""ReferenceActor: the frozen reference policy for KL, in its own Ray actor (``trainer.ref_model: actor``).
+
+The alternative to a bf16 copy inside every trainer worker (``ref_model: trainer``): one copy for the whole
+run, which can sit on its own GPU or node and keeps the trainer's memory for the policy. It never changes,
+so checkpoints do not hold it; a resumed run rebuilds it from ``model.name``. Log-probs use the trainer's
+packed layout and the same per-token math (trainer_math), so both placements give the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from raylign.actors.trainer_math import check_batch, micro_batches, pad_batch, sequence_logprobs
+from raylign.config import ModelConfig, TrainerConfig
+from raylign.types import TrainBatch
+
+
+@ray.remote
+class ReferenceActor:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig):
+        import torch
+
+        from raylign.models import load_hf_model
+
+        # Ray pins threads to the actor's logical CPUs; reference log-probs run while the trainer waits.
+        torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+        self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        self.model = load_hf_model(model_path, "bfloat16", model_cfg.trust_remote_code).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.row_tokens = cfg.packed_row_tokens if self.model.config._attn_implementation == "sdpa" else 0
+        self.token_budget = cfg.micro_batch_tokens
+
+    def logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per sequence, in batch order: log p_ref of each completion token (temperature 1)."""
+        import torch
+
+        check_batch(batch)
+        out: list[list[float] | None] = [None] * len(batch)
+        with torch.no_grad():
+            for group in micro_batches(batch, self.token_budget, self.row_tokens):
+                tensors = {k: v.to(self.device) for k, v in pad_batch(batch.select(group), self.pad_id,
+                                                                      self.row_tokens).items()}
+                logprobs_B_T, _ = sequence_logprobs(self.model, tensors)
+                for row, i in enumerate(group):
+                    out[i] = logprobs_B_T[row, :len(batch.completion_ids[i])].float().cpu().tolist()
+        return out  # type: ignore[return-value]
+
+    def ready(self) -> bool:
+        return True
