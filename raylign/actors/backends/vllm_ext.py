@@ -11,7 +11,26 @@ and re-run its post-load processing, or the logits keep coming from the old weig
 
 from __future__ import annotations
 
+import logging
+
 from raylign.actors.backends.weights import iter_safetensors
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedReloadGaps(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" for layers a checkpoint never holds: rotary embeddings
+    (buffers computed from the config) and a tied LM head (re-tied below). Every other layer still warns."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        layer = str(record.args[0])
+        return not (layer.endswith("RotaryEmbedding") or (self.tied and layer == "ParallelLMHead"))
 
 
 class WeightReloadExtension:
@@ -19,6 +38,9 @@ class WeightReloadExtension:
         hf_config = self.model_runner.model_config.hf_config
         tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         skip = frozenset({"lm_head.weight"}) if tied else frozenset()
+        reload_logger = logging.getLogger(_RELOAD_LOGGER)
+        if not any(isinstance(f, _ExpectedReloadGaps) for f in reload_logger.filters):
+            reload_logger.addFilter(_ExpectedReloadGaps(tied))
         count = 0
 
         def weights():
