@@ -7,9 +7,10 @@ commands), and a failing command answers with its traceback instead of killing t
 Commands are checked on every rank before the first collective, so a bad command (unknown loss, bad
 batch) fails the same way everywhere and leaves no rank waiting in an all-gather.
 
-Weights: fp32 master copy, AdamW, LambdaLR (trainer_math.lr_multiplier); bf16 compute per the backend
+Weights: fp32 master copy, fused AdamW, LambdaLR (trainer_math.lr_multiplier); bf16 compute per the backend
 (train_backends). The optional reference model (``ref_model: trainer``) is a frozen bf16 HF model, not
-sharded, on every rank: reference log-probs need no collectives.
+sharded, on every rank: reference log-probs need no collectives (``ref_model: actor`` keeps it in a
+ReferenceActor instead). Forwards use trainer_math's packed rows: the samples of one prompt share a row.
 """
 
 from __future__ import annotations
