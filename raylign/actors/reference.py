@@ -12,7 +12,13 @@ import os
 
 import ray
 
-from raylign.actors.trainer_math import check_batch, micro_batches, pad_batch, sequence_logprobs
+from raylign.actors.trainer_math import (
+    check_batch,
+    micro_batches,
+    packing_row_tokens,
+    pad_batch,
+    sequence_logprobs,
+)
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.types import TrainBatch
 
@@ -30,7 +36,7 @@ class ReferenceActor:
         self.model = load_hf_model(model_path, "bfloat16", model_cfg.trust_remote_code).to(self.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
-        self.row_tokens = cfg.packed_row_tokens if self.model.config._attn_implementation == "sdpa" else 0
+        self.row_tokens = packing_row_tokens(self.model.config, cfg.packed_row_tokens)
         self.token_budget = cfg.micro_batch_tokens
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:

@@ -76,6 +76,15 @@ def pack_rows(batch: TrainBatch, max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def packing_row_tokens(model_config, requested: int) -> int:
+    """The row cap to use with this model: ``requested``, or 0 (no packing) when the model cannot take a
+    custom 4D mask as it is: HF hands one to SDPA unchanged, but other kernels ignore or reject it, and a
+    sliding window (Mistral, Gemma) would silently be dropped from it."""
+    if getattr(model_config, "_attn_implementation", None) != "sdpa":
+        return 0
+    return requested if getattr(model_config, "sliding_window", None) is None else 0
+
+
 def row_length(batch: TrainBatch, row: list[int]) -> int:
     return len(batch.prompt_ids[row[0]]) + sum(len(batch.completion_ids[i]) for i in row)
 

@@ -37,6 +37,7 @@ from raylign.actors.trainer_math import (
     loss_units,
     lr_multiplier,
     model_inputs,
+    packing_row_tokens,
     pad_batch,
     sequence_logprobs,
     token_values,
@@ -141,8 +142,7 @@ class TrainerWorker:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        # Packed rows need a custom 4D mask, which HF passes as-is to SDPA only.
-        self.row_tokens = self.cfg.packed_row_tokens if model.config._attn_implementation == "sdpa" else 0
+        self.row_tokens = packing_row_tokens(model.config, self.cfg.packed_row_tokens)
         critic_lr = self.cfg.critic_lr or 5 * self.cfg.lr
         if spec.critic == "value_head":
             attach_value_head(model)

@@ -13,6 +13,7 @@ from raylign.actors.trainer_math import (
     merge_step_metrics,
     micro_batches,
     pack_rows,
+    packing_row_tokens,
     pad_batch,
     sequence_logprobs,
     work_plan,
@@ -69,6 +70,17 @@ def test_pack_rows_share_a_prompt_until_the_row_cap():
     assert pack_rows(batch, 0) == [[0], [1], [2], [3]]
     assert pack_rows(batch, 1024) == [[0, 1, 3], [2]]
     assert pack_rows(batch, 4) == [[0], [1, 3], [2]]  # 2 + 2 + 1 > 4: sequence 1 opens a second row
+
+
+def test_packing_only_where_the_4d_mask_reaches_attention_as_built():
+    sdpa = LlamaConfig()
+    sdpa._attn_implementation = "sdpa"
+    eager = LlamaConfig()
+    eager._attn_implementation = "eager"
+    windowed = LlamaConfig()
+    windowed._attn_implementation, windowed.sliding_window = "sdpa", 4096
+    assert packing_row_tokens(sdpa, 1024) == 1024
+    assert packing_row_tokens(eager, 1024) == 0 and packing_row_tokens(windowed, 1024) == 0
 
 
 def test_packed_layout_positions_restart_and_completions_see_only_the_prompt():
