@@ -93,8 +93,8 @@ def pad_batch(batch: TrainBatch, pad_id: int, max_row_tokens: int = 0) -> dict[s
     """Tensors for one forward in the packed layout (R rows of length L; see the module docstring), plus each
     field as ``_B`` (scalars) or ``_B_T`` (lists, 0-padded).
 
-    Keys: input_ids_R_L, position_ids_R_L, attention_mask (R, L) 0/1 padding mask when every row holds one
-    sequence, else (R, 1, L, L) bool, True where a query may attend a key), row_B (row of each sequence),
+    Keys: input_ids_R_L, position_ids_R_L, attention_mask (a 0/1 padding mask (R, L) when every row holds one
+    sequence, else a bool (R, 1, L, L), True where a query may attend a key), row_B (row of each sequence),
     target_ids_B_T (completion tokens), logit_pos_B_T (position in its row whose logits predict each target;
     0 on padding), valid_B_T (real completion token), mask_B_T (loss_mask), and one entry per ``batch.fields``.
     """
