@@ -18,6 +18,7 @@ from raylign.actors.trainer_math import (
     packing_row_tokens,
     pad_batch,
     sequence_logprobs,
+    unpad,
 )
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.types import TrainBatch
@@ -44,15 +45,13 @@ class ReferenceActor:
         import torch
 
         check_batch(batch)
-        out: list[list[float] | None] = [None] * len(batch)
+        out: dict[int, list[float]] = {}
         with torch.no_grad():
             for group in micro_batches(batch, self.token_budget, self.row_tokens):
                 tensors = {k: v.to(self.device) for k, v in pad_batch(batch.select(group), self.pad_id,
                                                                       self.row_tokens).items()}
-                logprobs_B_T, _ = sequence_logprobs(self.model, tensors)
-                for row, i in enumerate(group):
-                    out[i] = logprobs_B_T[row, :len(batch.completion_ids[i])].float().cpu().tolist()
-        return out  # type: ignore[return-value]
+                out.update(unpad(sequence_logprobs(self.model, tensors)[0], batch, group))
+        return [out[i] for i in range(len(batch))]
 
     def ready(self) -> bool:
         return True

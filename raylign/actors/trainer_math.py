@@ -185,6 +185,12 @@ def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     return logprobs_B_T, entropy_B_T
 
 
+def unpad(values_B_T: torch.Tensor, batch: TrainBatch, indices: list[int]) -> dict[int, list[float]]:
+    """Row ``row`` of a (B, T) result belongs to sequence ``indices[row]`` of ``batch``: its values over that
+    sequence's completion tokens, keyed by the sequence's index."""
+    return {i: values_B_T[row, :len(batch.completion_ids[i])].float().cpu().tolist() for row, i in enumerate(indices)}
+
+
 def token_values(values_R_L: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """V(s_t) for each completion token t from per-position critic outputs: the value read at the position
     whose logits predict token t (the state before t is emitted), as float32; 0 on padding."""

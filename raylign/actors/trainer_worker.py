@@ -41,6 +41,7 @@ from raylign.actors.trainer_math import (
     pad_batch,
     sequence_logprobs,
     token_values,
+    unpad,
     work_plan,
 )
 from raylign.actors.value_head import attach_value_head, take_values
@@ -215,8 +216,7 @@ class TrainerWorker:
                     continue
                 tensors = self._tensors(batch.select(mine[k]))
                 values_B_T = self._critic_values(tensors, forward=True)
-                for row, i in enumerate(mine[k]):
-                    out[i] = values_B_T[row, :len(batch.completion_ids[i])].cpu().tolist()
+                out.update(unpad(values_B_T, batch, mine[k]))
         return out
 
     def logprobs(self, cmd: Logprobs) -> dict[int, list[float]]:
@@ -239,8 +239,7 @@ class TrainerWorker:
                     self._dummy_forward()
                     continue
                 logprobs_B_T, _ = sequence_logprobs(model, self._tensors(batch.select(mine[k])))
-                for row, i in enumerate(mine[k]):
-                    out[i] = logprobs_B_T[row, :len(batch.completion_ids[i])].float().cpu().tolist()
+                out.update(unpad(logprobs_B_T, batch, mine[k]))
         return out
 
     def train_step(self, cmd: TrainStep) -> dict:

@@ -91,7 +91,7 @@ class TrainerGroup:
         self._thread = threading.Thread(target=self._fit, name="raylign-trainer-fit", daemon=True)
         self._thread.start()
         try:
-            # 0 when the model's attention cannot take the packed rows' 4D mask (not SDPA)
+            # 0 when the model's attention cannot take the packed rows' 4D mask (trainer_math.packing_row_tokens)
             self.packed_row_tokens = self._collect(READY, "start")[0]["packed_row_tokens"]
             # The first command pays one-off costs (FSDP lazy init, first object fetch, queue paths: ~3-6 s);
             # pay them here so start_s holds them and step timings do not.

@@ -6,15 +6,17 @@ import json
 
 import mlflow
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import raylign
+from raylign.actors.reference import ReferenceActor
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.algorithms.protocol import completions_batch
 from raylign.envs import make_env
-from raylign.models import load_tokenizer
+from raylign.models import load_hf_model, load_tokenizer
 from raylign.orchestrator.rl_cluster import RayCluster
 from tests.integration.helpers import tiny_config, vowel_reward
 
@@ -57,11 +59,6 @@ def test_generator_logprobs_match_trainer_after_sync(cluster):
 
 
 def test_kl_to_a_reference_in_its_own_actor(cluster, tiny_model):
-    import ray
-
-    from raylign.actors.reference import ReferenceActor
-    from raylign.models import load_hf_model
-
     cfg, rc = cluster
     rc.reference = ReferenceActor.remote(tiny_model, cfg.model, cfg.trainer)
     problems = make_env(cfg.env, cfg.dataset).problems("train")[:2]

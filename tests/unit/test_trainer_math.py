@@ -203,8 +203,10 @@ def test_work_plan_shards_contiguous_blocks_and_splits_minibatches():
     plan = work_plan(batch, world=2, minibatches=2, token_budget=4)
     assert plan[0] == [[[0, 1]], [[2, 3]]]
     assert plan[1] == [[[4, 5]], [[6]]]
-    # packed: rank 0's minibatch [0, 1] is one row (prompt 1, completions 2, 2) of 3 tokens
-    assert work_plan(batch, world=2, minibatches=2, token_budget=4, max_row_tokens=8)[0] == [[[0, 1]], [[2, 3]]]
+    # budget 3: two separate 2-token sequences (2 x 2 = 4) need two forwards; packed, rank 0's minibatch
+    # [0, 1] is one row (prompt 1, completions 2, 2) of 3 tokens and needs one
+    assert work_plan(batch, world=2, minibatches=2, token_budget=3)[0] == [[[0], [1]], [[2], [3]]]
+    assert work_plan(batch, world=2, minibatches=2, token_budget=3, max_row_tokens=8)[0] == [[[0, 1]], [[2, 3]]]
     tiny = work_plan(TrainBatch([[1]], [[2]], [[1]]), world=2, minibatches=1, token_budget=64)
     assert tiny == [[[[0]]], [[]]]  # rank 1 has nothing and will run dummy forwards
 
