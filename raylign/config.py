@@ -97,6 +97,7 @@ class GeneratorConfig(_Section):
     batch_size: int = Field(64, ge=1, description="prompts per generate call per replica")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None: the machine's cores / num_replicas (generation never overlaps training)")
     engine_process: bool | None = Field(None, description="vLLM: run the engine core in its own process (vLLM's default); None: only with GPUs. On CPU, vLLM reserves a core for that process's busy scheduler")
+    timeout_s: float | None = Field(None, gt=0, description="deadline of one generate call on a replica; a replica past it is replaced (None: derived from the call's token count)")
 
 
 class RewardConfig(_Section):
@@ -165,6 +166,15 @@ class TrainConfig(_Section):
     resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in output_dir")
 
 
+class FaultConfig(_Section):
+    max_generator_restarts: int = Field(8, ge=0, description="generator replicas replaced (dead or past generator.timeout_s) before the run stops")
+    max_trainer_restarts: int = Field(2, ge=0, description="times the trainer workers are restarted from the last complete checkpoint before the run stops")
+    max_lost_steps: int = Field(4, ge=1, description="with trainer restarts on: checkpoint at least every this many steps, so a restart replays at most this many")
+    max_actor_restarts: int = Field(8, ge=0, description="reward, reference and retriever actors replaced (each role counted apart) before the run stops")
+    trainer_timeout_s: float = Field(1800.0, gt=0, description="deadline of one trainer command (train step, log-probs, checkpoint); past it the workers count as dead")
+    call_timeout_s: float = Field(300.0, gt=0, description="deadline of one call to a reference or retriever actor; past it the actor is replaced and the call retried")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="attach to this cluster ('auto' or host:port); None starts a local one")
     num_cpus: int | None = Field(8, ge=1, description="logical CPUs of a local cluster (oversubscribed on small machines)")
@@ -190,6 +200,7 @@ class Config(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="RL algorithm and its knobs")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop, evals and checkpoints")
+    fault: FaultConfig = Field(default_factory=FaultConfig, description="recovery from dead or wedged actors and trainer workers")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
 
