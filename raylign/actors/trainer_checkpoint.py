@@ -6,11 +6,16 @@ only rank 0 touches the files, so a multi-node group needs no shared filesystem 
   written to a temp file in the same folder and ``os.replace``d, so a reader never sees half a file.
 - ``export_hf``: a plain HF folder (config, bf16 ``model.safetensors`` as save_pretrained writes it, i.e.
   without a tied lm_head, tokenizer and generation files copied from the source model).
-- trainer checkpoint: fp32 master weights (bf16 would break exact resume), the full optimizer state keyed
-  by parameter name, scheduler state, step count and every rank's torch/python/numpy RNG state. Full (not
-  sharded) state loads into a fresh group of any size; RNG states are per rank and need the same size.
-  A separate PPO critic adds its own weights and optimizer state (trainer_critic*); a value head on the
-  policy is part of the policy's state.
+- trainer checkpoint, safetensors for tensors and JSON for the rest, so loading one runs no code (the .pt
+  files of earlier versions could run anything on ``--resume``):
+  ``trainer_model.safetensors`` fp32 master weights (bf16 would break exact resume);
+  ``trainer_optimizer.safetensors`` the optimizer state keyed ``state.<param name>.<key>`` (exp_avg,
+  exp_avg_sq, the fp32 scalar ``step``) plus ``trainer_optimizer.json`` (param_groups, which tensor is which);
+  ``trainer_state.json`` format version, step count, LR scheduler state and every rank's torch/python/numpy
+  RNG state. Full (not sharded) state loads into a fresh group of any size; RNG states are per rank and
+  need the same size. A separate PPO critic adds ``trainer_critic.safetensors``,
+  ``trainer_critic_optimizer.{safetensors,json}`` and a ``critic_scheduler`` entry; a value head on the
+  policy is part of the policy's state. Loading checks every file's header on rank 0 before any collective.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from raylign.actors.value_head import drop_value_head
@@ -40,25 +48,45 @@ from raylign.actors.train_backends import (
 if TYPE_CHECKING:
     from raylign.actors.trainer_worker import TrainerWorker
 
-MODEL_FILE = "trainer_model.safetensors"
-CRITIC_MODEL_FILE = "trainer_critic.safetensors"  # PPO with critic: separate only
-CRITIC_OPTIMIZER_FILE = "trainer_critic_optimizer.pt"
-OPTIMIZER_FILE = "trainer_optimizer.pt"
-STATE_FILE = "trainer_state.pt"
+FORMAT_VERSION = 1  # of trainer_state.json and the optimizer JSON; bump when their layout changes
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """The files of one trained model: fp32 weights, optimizer tensors, optimizer JSON."""
+    model: str
+    optimizer: str
+    optimizer_meta: str
+
+
+POLICY_FILES = PartFiles("trainer_model.safetensors", "trainer_optimizer.safetensors", "trainer_optimizer.json")
+CRITIC_FILES = PartFiles("trainer_critic.safetensors", "trainer_critic_optimizer.safetensors",
+                         "trainer_critic_optimizer.json")  # PPO with a separate critic only
+MODEL_FILE = POLICY_FILES.model
+STATE_FILE = "trainer_state.json"
 # Source-model files an HF export must not copy: weights (rewritten) and raylign's build marker.
 _NOT_EXPORTED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "raylign_model.json")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _atomic_json(obj: dict, path: Path) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
 
 
 def save_weights(wrapped: Wrapped, path: str, rank: int) -> None:
@@ -88,64 +116,209 @@ def export_hf(wrapped: Wrapped, model_path: str, out_dir: str, rank: int) -> Non
     _atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
 
 
-def _rng_state() -> dict:
+# --- pure conversions: live state <-> (tensors for safetensors, JSON-able dict) ---------------------------
+
+def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state dict as (tensors, JSON); ``optimizer_from_files`` inverts it exactly."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for param, param_state in state["state"].items():
+        entries[param] = {}
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{key}"] = value.detach().contiguous()
+                entries[param][key] = {"tensor": f"state.{param}.{key}"}
+            else:  # e.g. SGD's momentum_buffer=None; json.dumps refuses anything that is not plain data
+                entries[param][key] = {"value": value}
+    return tensors, {"format_version": FORMAT_VERSION, "state": entries, "param_groups": state["param_groups"]}
+
+
+def optimizer_tensor_names(meta: dict) -> set[str]:
+    """The safetensors keys the optimizer JSON refers to."""
+    return {ref["tensor"] for entry in meta["state"].values() for ref in entry.values() if "tensor" in ref}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state dict ``optimizer_to_files`` took apart."""
+    state = {param: {key: tensors[ref["tensor"]] if "tensor" in ref else ref["value"] for key, ref in entry.items()}
+             for param, entry in meta["state"].items()}
+    # JSON has no tuples; torch's sequence hyper-parameters (AdamW's betas) are tuples.
+    groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_to_json(rng: dict) -> dict:
+    """torch/python/numpy RNG states (as ``rng_state`` returns them) as plain JSON data."""
+    version, internal, gauss_next = rng["python"]
+    algorithm, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
+    return {"torch": rng["torch"].tolist(),
+            "python": [version, list(internal), gauss_next],
+            "numpy": {"algorithm": algorithm, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss,
+                      "cached_gaussian": cached_gaussian}}
+
+
+def rng_from_json(data: dict) -> dict:
+    """The RNG states ``rng_to_json`` wrote, in the types ``set_rng_state`` takes."""
+    version, internal, gauss_next = data["python"]
+    np_state = data["numpy"]
+    return {"torch": torch.tensor(data["torch"], dtype=torch.uint8),
+            "python": (version, tuple(internal), gauss_next),
+            "numpy": (np_state["algorithm"], np.array(np_state["keys"], dtype=np.uint32), np_state["pos"],
+                      np_state["has_gauss"], np_state["cached_gaussian"])}
+
+
+def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
 
+# --- save ----------------------------------------------------------------------------------------------
+
+def _separate_critic(worker: TrainerWorker) -> bool:
+    return worker.critic is not None and worker.critic is not worker.policy
+
+
+def write_part(out: Path, files: PartFiles, model_state: dict, optim_state: dict) -> None:
+    """One model's fp32 weights and full optimizer state as its three files (rank 0 only, no collectives)."""
+    tensors, meta = optimizer_to_files(optim_state)
+    _atomic_save(model_state, out / files.model)
+    _atomic_save(tensors, out / files.optimizer)
+    _atomic_json(meta, out / files.optimizer_meta)
+
+
 def save_trainer_checkpoint(worker: TrainerWorker, out_dir: str) -> None:
-    model_state = gather_model_state(worker.policy)
-    optim_state = gather_optimizer_state(worker.policy, worker.optimizer)
-    separate = worker.critic is not None and worker.critic is not worker.policy
+    policy = gather_model_state(worker.policy), gather_optimizer_state(worker.policy, worker.optimizer)
+    separate = _separate_critic(worker)
     if separate:
-        critic_state = gather_model_state(worker.critic)
-        critic_optim = gather_optimizer_state(worker.critic, worker.critic_optimizer)
+        critic = gather_model_state(worker.critic), gather_optimizer_state(worker.critic, worker.critic_optimizer)
     rngs = [None] * worker.world if worker.rank == 0 else None
-    dist.gather_object(_rng_state(), rngs, dst=0)
+    dist.gather_object(rng_to_json(rng_state()), rngs, dst=0)
     if worker.rank != 0:
         return
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_save(model_state, out / MODEL_FILE)
-    torch.save(optim_state, out / OPTIMIZER_FILE)
-    state = {"scheduler": worker.scheduler.state_dict(), "steps": worker.steps, "rng": rngs}
+    write_part(out, POLICY_FILES, *policy)
+    state = {"format_version": FORMAT_VERSION, "steps": worker.steps, "scheduler": worker.scheduler.state_dict(),
+             "rng": rngs}
     if separate:
-        _atomic_save(critic_state, out / CRITIC_MODEL_FILE)
-        torch.save(critic_optim, out / CRITIC_OPTIMIZER_FILE)
+        write_part(out, CRITIC_FILES, *critic)
         state["critic_scheduler"] = worker.critic_scheduler.state_dict()
-    torch.save(state, out / STATE_FILE)
+    _atomic_json(state, out / STATE_FILE)  # last, so a folder with it has the other files
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+def _read_json(path: Path, layout_ok: Callable[[dict], bool]) -> dict:
+    """A trainer JSON file of this format version and layout, or a ValueError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"trainer checkpoint file {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"trainer checkpoint file {path} is not readable JSON: {e}") from None
+    found = data.get("format_version") if isinstance(data, dict) else None
+    if found != FORMAT_VERSION:
+        raise ValueError(f"trainer checkpoint file {path} has format version {found!r}; "
+                         f"this raylign reads {FORMAT_VERSION}")
+    if not layout_ok(data):
+        raise ValueError(f"trainer checkpoint file {path} does not have the layout this raylign writes")
+    return data
+
+
+def _state_layout_ok(state: dict) -> bool:
+    return isinstance(state.get("steps"), int) and isinstance(state.get("scheduler"), dict) \
+        and isinstance(state.get("rng"), list) and isinstance(state.get("critic_scheduler", {}), dict)
+
+
+def _optimizer_layout_ok(meta: dict) -> bool:
+    # Checked before the collectives: a KeyError on rank 0 inside a broadcast would leave the others waiting.
+    state, groups = meta.get("state"), meta.get("param_groups")
+    if not (isinstance(state, dict) and all(isinstance(entry, dict) for entry in state.values())):
+        return False
+    refs = [ref for entry in state.values() for ref in entry.values()]
+    return all(isinstance(ref, dict) and ("tensor" in ref or "value" in ref) for ref in refs) \
+        and isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+
+
+def _tensor_names(path: Path) -> set[str]:
+    """The keys in a safetensors file, reading only its header (which safetensors checks against the size)."""
+    if not path.is_file():
+        raise ValueError(f"trainer checkpoint file {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"trainer checkpoint file {path} is not a readable safetensors file: {e}") from None
+
+
+def _check_part(src: Path, files: PartFiles) -> dict:
+    """The optimizer JSON of one part once its three files are known to be readable and consistent."""
+    _tensor_names(src / files.model)
+    meta = _read_json(src / files.optimizer_meta, _optimizer_layout_ok)
+    missing = optimizer_tensor_names(meta) - _tensor_names(src / files.optimizer)
+    if missing:
+        raise ValueError(f"trainer checkpoint file {src / files.optimizer} lacks {len(missing)} tensor(s) that "
+                         f"{files.optimizer_meta} lists, e.g. {sorted(missing)[0]}")
+    return meta
+
+
+def check_trainer_checkpoint(src: Path) -> tuple[dict, dict[str, dict]]:
+    """(trainer state, optimizer JSON per part file name) or a ValueError naming the bad file."""
+    if not (src / STATE_FILE).exists() and (src / "trainer_state.pt").exists():
+        raise ValueError(f"trainer checkpoint {src} holds .pt files of an older raylign, which this one does "
+                         f"not load (loading them can run code)")
+    state = _read_json(src / STATE_FILE, _state_layout_ok)
+    metas = {POLICY_FILES.model: _check_part(src, POLICY_FILES)}
+    if "critic_scheduler" in state:
+        metas[CRITIC_FILES.model] = _check_part(src, CRITIC_FILES)
+    return state, metas
+
+
+def _load_part(rank: int, wrapped: Wrapped, optimizer, src: Path, files: PartFiles, meta: dict | None) -> None:
+    scatter_model_state(wrapped, load_file(src / files.model) if rank == 0 else {})
+    optim_state = optimizer_from_files(load_file(src / files.optimizer), meta) if rank == 0 else {}
+    scatter_optimizer_state(wrapped, optimizer, optim_state)
+
+
+def _checked_on_rank0(src: Path) -> tuple[dict | str, dict]:
+    """(trainer state or the one-line reason it cannot be loaded, optimizer JSON per part)."""
+    try:
+        return check_trainer_checkpoint(src)
+    except ValueError as e:
+        return str(e), {}
+    except Exception as e:  # anything else would leave the other ranks waiting in the broadcast
+        return f"trainer checkpoint {src} cannot be read: {type(e).__name__}: {e}", {}
 
 
 def load_trainer_checkpoint(worker: TrainerWorker, in_dir: str) -> None:
     src = Path(in_dir)
-    # Rank 0 reads and checks; the others learn the outcome first, so a missing file fails every rank
-    # before anyone enters the broadcasts below.
+    # Rank 0 reads and checks every file's header; the others learn the outcome first, so a missing or
+    # broken file fails every rank before anyone enters the broadcasts below.
     payload: list = [None]
+    metas: dict = {}
     if worker.rank == 0:
-        missing = [f for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE) if not (src / f).is_file()]
-        payload = [f"trainer checkpoint {src}: missing {', '.join(missing)}" if missing
-                   else torch.load(src / STATE_FILE, weights_only=False)]
+        state, metas = _checked_on_rank0(src)
+        payload = [state]
     dist.broadcast_object_list(payload, src=0)
     state = payload[0]
     if isinstance(state, str):
-        raise FileNotFoundError(state)
+        raise ValueError(state)
     if len(state["rng"]) != worker.world:
         raise ValueError(f"trainer checkpoint {src} holds RNG states of {len(state['rng'])} workers, "
                          f"this group has {worker.world}")
-    model_state = load_file(src / MODEL_FILE) if worker.rank == 0 else {}
-    scatter_model_state(worker.policy, model_state)
-    optim_state = torch.load(src / OPTIMIZER_FILE, weights_only=False) if worker.rank == 0 else {}
-    scatter_optimizer_state(worker.policy, worker.optimizer, optim_state)
+    if ("critic_scheduler" in state) != _separate_critic(worker):
+        raise ValueError(f"trainer checkpoint {src} {'has' if 'critic_scheduler' in state else 'lacks'} a "
+                         f"separate critic and this group {'does not' if 'critic_scheduler' in state else 'does'}")
+    _load_part(worker.rank, worker.policy, worker.optimizer, src, POLICY_FILES, metas.get(POLICY_FILES.model))
     if "critic_scheduler" in state:
-        scatter_model_state(worker.critic, load_file(src / CRITIC_MODEL_FILE) if worker.rank == 0 else {})
-        critic_optim = torch.load(src / CRITIC_OPTIMIZER_FILE, weights_only=False) if worker.rank == 0 else {}
-        scatter_optimizer_state(worker.critic, worker.critic_optimizer, critic_optim)
+        _load_part(worker.rank, worker.critic, worker.critic_optimizer, src, CRITIC_FILES,
+                   metas.get(CRITIC_FILES.model))
         worker.critic_scheduler.load_state_dict(state["critic_scheduler"])
     worker.scheduler.load_state_dict(state["scheduler"])
     worker.steps = state["steps"]
-    _set_rng_state(state["rng"][worker.rank])
+    set_rng_state(rng_from_json(state["rng"][worker.rank]))

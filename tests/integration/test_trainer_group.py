@@ -176,8 +176,21 @@ def test_checkpoint_resume_is_bit_identical(group, tmp_path):
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     saved = load_file(str(tmp_path / "S" / "trainer_model.safetensors"))
     assert any(not torch.equal(w1[k], saved[k]) for k in saved)  # the two steps did move the weights
-    state = torch.load(tmp_path / "S" / "trainer_state.pt", weights_only=False)
-    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    state = json.loads((tmp_path / "S" / "trainer_state.json").read_text())
+    assert len(state["rng"]) == 2 and state["rng"][0]["torch"] != state["rng"][1]["torch"]
+    assert {p.name for p in (tmp_path / "S").iterdir()} == {"trainer_model.safetensors", "trainer_state.json",
+                                                             "trainer_optimizer.safetensors", "trainer_optimizer.json"}
+
+
+def test_a_broken_checkpoint_file_fails_every_rank_and_changes_nothing(group, tmp_path):
+    group.save_checkpoint(str(tmp_path / "S"))
+    optim = tmp_path / "S" / "trainer_optimizer.safetensors"
+    optim.write_bytes(optim.read_bytes()[:-1])  # rank 0 finds it before any rank enters a broadcast
+    with pytest.raises(TrainerCommandError, match=r"rank\(s\) 0, 1") as err:
+        group.load_checkpoint(str(tmp_path / "S"))
+    assert f"trainer checkpoint file {optim} is not a readable safetensors file" in str(err.value)
+    before = load_file(str(tmp_path / "S" / "trainer_model.safetensors"))
+    assert all(torch.equal(before[k], v) for k, v in fp32_weights(group, tmp_path / "A").items())
 
 
 def test_export_hf_loads_in_transformers(group, tmp_path):
@@ -242,7 +255,7 @@ def test_ddp_group_trains_resumes_exactly_and_loads_an_fsdp2_checkpoint(group, t
 
         # a full checkpoint loads into a fresh group of another backend: weights, step count, LR schedule
         fsdp2_weights = fp32_weights(group, tmp_path / "F")
-        steps = torch.load(tmp_path / "F" / "trainer_state.pt", weights_only=False)["steps"]
+        steps = json.loads((tmp_path / "F" / "trainer_state.json").read_text())["steps"]
         ddp.load_checkpoint(str(tmp_path / "F"))
         assert all(torch.equal(fsdp2_weights[k], v) for k, v in fp32_weights(ddp, tmp_path / "C").items())
         after = ddp.train_step(pg_batch(ddp, batch, [1.0, -1.0, 1.0, 0.0, -1.0]), "policy_gradient", {})
