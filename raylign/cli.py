@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"raylign: config error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # DataError, ModelError: bad input named by file/field/row
-        if type(e).__name__ in {"DataError", "ModelError"}:
+    except ValueError as e:  # DataError, ModelError, CheckpointError: bad input named by file/field/row
+        if type(e).__name__ in {"DataError", "ModelError", "CheckpointError"}:
             print(f"raylign: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        raise
+    except RuntimeError as e:  # RunFailed: a fault past its limit, named in one line
+        if type(e).__name__ == "RunFailed":
+            print(f"raylign: run stopped: {e}", file=sys.stderr)
+            return 1
         raise
 
 

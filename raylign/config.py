@@ -160,7 +160,7 @@ class TrainConfig(_Section):
     eval_before: bool = Field(True, description="greedy eval on the held-out split before training")
     eval_after: bool = Field(True, description="greedy eval on the held-out split after training")
     eval_split: str = Field("test", description="held-out split for evals")
-    eval_limit: int | None = Field(100, ge=1, description="held-out problems per eval (None = all)")
+    eval_limit: int | None = Field(100, ge=0, description="held-out problems per eval (None = all; 0 only with both evals off)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every K steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
     resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in output_dir")
@@ -210,6 +210,10 @@ class Config(_Section):
             raise ValueError("generator.n > 1 needs generator.temperature > 0 (greedy samples are identical)")
         if self.algorithm.name in ("grpo", "rloo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
+        evals = [f"train.{k}" for k in ("eval_before", "eval_after") if getattr(self.train, k)]
+        if self.train.eval_limit == 0 and evals:
+            raise ValueError(f"train.eval_limit=0 leaves nothing to evaluate but {' and '.join(evals)} "
+                             "is on: raise the limit or turn the evals off")
         if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
             raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer or actor")
         return self
@@ -218,6 +222,39 @@ class Config(_Section):
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return Path(self.output_dir)
+
+    def absolutized(self, cwd: str | Path | None = None) -> Config:
+        """A copy whose path fields are absolute (relative ones resolved against ``cwd``, default the driver's).
+
+        The driver calls this before anything starts: Ray Train workers and actors run in working directories
+        of their own, so a relative path handed to them lands somewhere else (the demo's model once went
+        to Ray's session folder). Values that may be hub ids (model.name, dataset.path, rag.corpus_path) are
+        resolved only when they look local: they exist, or start with '.', '/' or '~'.
+        """
+        base = Path(cwd or os.getcwd())
+        out = self.model_copy(deep=True)
+        out.resolved_output_dir()
+
+        def absolute(text: str) -> str:
+            path = Path(text).expanduser()
+            return str(path if path.is_absolute() else (base / path).resolve())
+
+        def looks_local(text: str | None) -> bool:
+            return bool(text) and (text.startswith((".", "/", "~")) or Path(text).suffix in (".json", ".jsonl", ".parquet")
+                                   or (base / Path(text).expanduser()).exists())
+
+        out.output_dir = absolute(out.output_dir)
+        out.trainer.weights_dir = absolute(out.trainer.weights_dir)
+        out.rag.index_dir = absolute(out.rag.index_dir)
+        if out.model.cache_dir:
+            out.model.cache_dir = absolute(out.model.cache_dir)
+        for section, key in [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path")]:
+            if looks_local(getattr(section, key)):
+                setattr(section, key, absolute(getattr(section, key)))
+        prefix = "sqlite:///"
+        if out.tracking.uri.startswith(prefix) and not out.tracking.uri.startswith(prefix + "/"):
+            out.tracking.uri = prefix + absolute(out.tracking.uri[len(prefix):])
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
@@ -256,6 +293,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{where}'"
+    if not first["loc"] and first["type"] == "value_error":  # a cross-field check: its message names the fields
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{source}: field '{where}': {first['msg']}{got_text}"

@@ -13,18 +13,24 @@ import types
 from raylign.config import Config, load_config
 
 
-def train(config: Config | str, overrides: list[str] | None = None, resume: bool = False, reward_fn=None) -> dict:
+def train(config: Config | str, overrides: list[str] | None = None, resume: bool = False, reward_fn=None,
+          on_phase=None) -> dict:
     """Run training from a Config or a preset path (+ dotted overrides); returns the run summary.
 
     ``reward_fn(problem, completion) -> Score`` replaces the env's reward (Python API only): it is pickled by
     value into the reward actors, so a closure or a function defined in your script works.
+    ``on_phase(phase, step, cluster)`` is called as each timed phase starts ("generate", "train", "sync", ...):
+    tests and ``benchmarks/chaos.py`` use it to kill actors at chosen points.
     """
-    from raylign.orchestrator.train_loop import train as run
+    from raylign.orchestrator.preflight import plan_training
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if resume:
         cfg.train.resume = "auto"
-    return run(cfg, reward_fn=reward_fn)
+    plan = plan_training(cfg)  # bad data and checkpoints fail here, before torch, Ray or vLLM are imported
+    from raylign.orchestrator.train_loop import train as run
+
+    return run(plan, reward_fn=reward_fn, on_phase=on_phase)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -378,7 +378,9 @@ def train_loop_per_worker(config: dict) -> None:
         except Exception as e:
             replies.put(Reply(READY, rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             raise
-        replies.put(Reply(READY, rank, True, {"packed_row_tokens": worker.row_tokens}))
+        # pid: for tests and the chaos benchmark; actor: so the driver can kill a wedged group (TrainerGroup.abort)
+        replies.put(Reply(READY, rank, True, {"packed_row_tokens": worker.row_tokens, "pid": os.getpid(),
+                                              "actor": ray.get_runtime_context().current_actor}))
         while True:
             cmd_id, cmd = commands.get()
             if isinstance(cmd, Stop):

@@ -53,12 +53,14 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]] | None:
 
 
 def _load_local(path_text: str) -> list[dict[str, Any]]:
-    import datasets
-
     path = Path(path_text).expanduser()
     if not path.exists():
         raise DataError(f"{path_text}: file not found (dataset.path)")
     fmt = _FORMATS.get(path.suffix)
+    if path.is_file() and not path.read_bytes().strip():
+        raise DataError(f"{path_text}: file is empty (dataset.path)")
+    import datasets  # after the cheap checks: its import alone takes about a second
+
     try:
         if fmt is None:  # a local dataset folder
             return datasets.load_dataset(str(path), split="train").to_list()

@@ -16,6 +16,7 @@ from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.episodes import CombinedRewards, ToolEpisodes, rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
+from raylign.orchestrator.preflight import require_problems
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.tracking import Tracker
 from raylign.types import Completion, SamplingSpec
@@ -70,12 +71,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def run_eval(cfg: Config) -> dict:
     """The whole `raylign eval` command. Everything that can fail on bad input fails before Ray starts."""
+    cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
     env = make_env(cfg.env, cfg.dataset, cfg.rag)
-    problems = env.problems(cfg.dataset.split)
+    problems = require_problems(env.problems(cfg.dataset.split), cfg, cfg.dataset.split, 1, "an eval")
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompts_ids = [encode_chat(tokenizer, p.messages) for p in problems]
-    out_dir = cfg.resolved_output_dir()
+    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     tracker = Tracker(cfg.tracking, run_name=out_dir.name)

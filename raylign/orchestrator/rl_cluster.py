@@ -34,13 +34,12 @@ class RayCluster:
         self.mc_tokens = 0  # Monte Carlo continuations (VinePPO): generated, never trained on
         self.mc_calls = 0
         self.prompt_cache: dict[str, list[int]] = {}
+        self.step = 0  # the training step being run (set by the loop; fault hooks read it)
+        self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("startup"):
-            optimizer_steps = cfg.train.steps * cfg.algorithm.epochs * cfg.algorithm.minibatches
-            critic = cfg.algorithm.critic if cfg.algorithm.name == "ppo" else None
-            self.trainer = TrainerGroup(model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=storage_dir,
-                                        total_steps=optimizer_steps, critic=critic)
+            self.trainer = self._start_trainer()
             self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
             self.reference = None
             if cfg.trainer.ref_model == "actor":
@@ -51,6 +50,26 @@ class RayCluster:
             # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
             self.rollouts, self.rewards = rollout_stack(
                 cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag), tokenizer)
+
+    def _start_trainer(self) -> TrainerGroup:
+        cfg = self.cfg
+        optimizer_steps = cfg.train.steps * cfg.algorithm.epochs * cfg.algorithm.minibatches
+        critic = cfg.algorithm.critic if cfg.algorithm.name == "ppo" else None
+        return TrainerGroup(self.model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=self.storage_dir,
+                            total_steps=optimizer_steps, critic=critic,
+                            command_timeout_s=cfg.fault.trainer_timeout_s)
+
+    def restart_trainer(self) -> None:
+        """Replace the trainer workers (dead, or stuck past their deadline) with a fresh group at the initial
+        weights; the caller loads a checkpoint into it."""
+        self.trainer.shutdown()
+        with self.timer.phase("trainer_restart"):
+            self.trainer = self._start_trainer()
+
+    def fault_counters(self) -> dict[str, float]:
+        """Actors replaced so far, per role (``fault/<role>_restarts``)."""
+        pools = [self.generators, self.rewards, self.reference, getattr(self.rollouts, "retrievers", None)]
+        return {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
         for p in problems:

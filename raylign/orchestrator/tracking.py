@@ -28,7 +28,9 @@ class Tracker:
             experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
+        self.status_before: str | None = None  # a resumed run's status when this resume began
         if resume_run_id:  # a resumed training run keeps logging into the run it started
+            self.status_before = mlflow.get_run(resume_run_id).info.status
             self.run_id = mlflow.start_run(run_id=resume_run_id).info.run_id
         else:
             self.run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name).info.run_id
@@ -50,3 +52,13 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self.mlflow.end_run(status=status)
+
+    def fail(self, error: BaseException) -> None:
+        """End the run FAILED, with the error's first line as a tag. A resume of a run that had FINISHED leaves
+        it FINISHED (its results stand; the failed continuation is only tagged); an interrupted one is FAILED."""
+        if not self.run_id:
+            return
+        line = (str(error).splitlines() or [type(error).__name__])[0][:4000]
+        tag = "raylign.resume_error" if self.status_before else "raylign.error"
+        self.mlflow.set_tag(tag, f"{type(error).__name__}: {line}")
+        self.close(status="FINISHED" if self.status_before == "FINISHED" else "FAILED")

@@ -1,13 +1,23 @@
-"""`raylign train`: the RL loop on a local or attached Ray cluster.
+"""`raylign train`: the RL loop on a local or attached Ray cluster, and its recovery from faults.
 
 eval before -> for each step: next prompts -> ALGORITHMS[name] step (generate, score, advantages, train,
 sync) -> log to MLflow + rollouts.jsonl -> checkpoint when due -> final checkpoint, HF export, eval after.
+
+Dead or wedged generator, reward, reference and retriever actors are replaced inside their pools, and the step
+goes on. When the trainer workers die or miss a deadline, the group is restarted, loads the last complete
+checkpoint, and the loop replays from that step with the prompt stream, algorithm state and policy version
+the checkpoint holds (``fault.max_trainer_restarts``; with restarts on, a checkpoint is written at least
+every ``fault.max_lost_steps`` steps). Past a limit the run stops with ``RunFailed``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,18 +26,27 @@ from raylign.algorithms.policy_gradient import StepOutput, policy_gradient_step
 from raylign.algorithms.ppo import ppo_step
 from raylign.algorithms.vineppo import vineppo_step
 from raylign.config import Config
-from raylign.envs import make_env
 from raylign.envs.base import Problem
 from raylign.models import load_tokenizer, resolve_model
-from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state,
-                                             save_checkpoint)
+from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
+                                             verify_checkpoint)
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.evaluate import evaluate
+from raylign.orchestrator.preflight import TrainingPlan, plan_training
 from raylign.orchestrator.rl_cluster import RayCluster
 from raylign.orchestrator.tracking import Tracker
+from raylign.orchestrator.trainer_group import TrainerGroupError
+
+log = logging.getLogger(__name__)
 
 ALGORITHMS = {"grpo": policy_gradient_step, "rloo": policy_gradient_step, "reinforce": policy_gradient_step,
               "ppo": ppo_step, "vineppo": vineppo_step}
+
+PhaseHook = Callable[[str, int, RayCluster], None]  # (phase, step, cluster): called as each phase starts
+
+
+class RunFailed(RuntimeError):
+    """A fault past its limit: the message is one line naming what failed and the last complete checkpoint."""
 
 
 def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_dir: Path) -> dict:
@@ -52,35 +71,42 @@ def rollout_records(step: int, problems: list[Problem], out: StepOutput) -> list
 
 
 def _trim_rollouts(path: Path, before_step: int) -> None:
-    """On resume, drop rows the interrupted run wrote after its last checkpoint."""
+    """On resume or replay, drop rows written after the checkpoint the run continues from."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= before_step]
         path.write_text("".join(row + "\n" for row in rows))
 
 
-def train(cfg: Config, reward_fn=None) -> dict:
-    """The whole training run; bad config, data or model names fail before Ray starts."""
+def checkpoint_every(cfg: Config) -> int:
+    """Steps between checkpoints: ``train.checkpoint_every``, tightened so a trainer restart loses at most
+    ``fault.max_lost_steps`` steps (0: only the final one)."""
+    every = cfg.train.checkpoint_every
+    if cfg.fault.max_trainer_restarts > 0:
+        every = min(every or cfg.fault.max_lost_steps, cfg.fault.max_lost_steps)
+    return every
+
+
+def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None = None) -> dict:
+    """The whole training run; bad config, data, model names and checkpoints fail before Ray starts."""
     started = time.perf_counter()
-    env = make_env(cfg.env, cfg.dataset, cfg.rag)
-    train_problems = env.problems("train")
-    eval_problems = env.problems(cfg.train.eval_split)[:cfg.train.eval_limit]
+    plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
+    cfg, ckpt, state = plan.cfg, plan.ckpt, plan.state
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    out_dir = cfg.resolved_output_dir()
+    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
-    ckpt = latest_checkpoint(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
-    state = read_driver_state(ckpt) if ckpt else {}
     tracker = Tracker(cfg.tracking, run_name=out_dir.name, resume_run_id=state.get("mlflow_run_id"))
     if not ckpt:
         tracker.log_config(cfg)
-    stream = PromptStream(train_problems, cfg.algorithm.prompts_per_step, cfg.seed)
     try:
         with ray_cluster(cfg.ray):
             cluster = RayCluster(cfg, model_path, tokenizer, run_id=tracker.run_id or out_dir.name,
-                                 storage_dir=str((out_dir / "ray_train").absolute()), reward_fn=reward_fn)
+                                 storage_dir=str(out_dir / "ray_train"), reward_fn=reward_fn)
+            if on_phase is not None:
+                cluster.timer.on_enter = lambda name: on_phase(name, cluster.step, cluster)
             try:
-                summary = _loop(cfg, cluster, stream, eval_problems, tracker, out_dir, ckpt, state)
+                summary = TrainingRun(cfg, cluster, plan.train_problems, plan.eval_problems, tracker, out_dir).run(ckpt, state)
             finally:
                 cluster.shutdown()
         summary["wall_s"] = time.perf_counter() - started
@@ -88,68 +114,145 @@ def train(cfg: Config, reward_fn=None) -> dict:
         tracker.log_artifact(out_dir / "summary.json")
         tracker.log_artifact(out_dir / "config.yaml")
         tracker.close()
-    except BaseException:
-        tracker.close(status="FAILED")
+    except BaseException as e:
+        tracker.fail(e)
         raise
     return summary
 
 
-def _loop(cfg, cluster: RayCluster, stream: PromptStream, eval_problems, tracker: Tracker, out_dir: Path,
-          ckpt: Path | None, state: dict) -> dict:
-    algo_state: dict = state.get("algorithm", {})
-    start_step = state.get("step", 0)
-    evals = state.get("evals", {})
-    if ckpt:
-        cluster.trainer.load_checkpoint(str(ckpt))
-        stream.load_state_dict(state["data"])
-        cluster.push_weights(state["policy_version"])
-        cluster.tokens_generated = state.get("tokens_generated", 0)
-    elif cfg.train.eval_before:
-        evals["eval_before"] = run_eval_phase(cluster, eval_problems, "eval_before", out_dir)
-        tracker.log_metrics({f"eval/{k}": v for k, v in evals["eval_before"].items()}, step=0)
-    rollouts = out_dir / "rollouts.jsonl"
-    _trim_rollouts(rollouts, start_step)
-    timing_totals: dict[str, float] = dict(state.get("timing", {}))
+class TrainingRun:
+    """The step loop's state (prompt stream, algorithm state, evals, timing, fault counts) and its recovery."""
 
-    def driver_state(step: int) -> dict:
-        return {"policy_version": cluster.version, "data": stream.state_dict(), "algorithm": algo_state,
-                "mlflow_run_id": tracker.run_id, "evals": evals, "tokens_generated": cluster.tokens_generated,
-                "timing": timing_totals}
+    def __init__(self, cfg: Config, cluster: RayCluster, train_problems: list[Problem], eval_problems: list[Problem],
+                 tracker: Tracker, out_dir: Path):
+        self.cfg, self.cluster, self.tracker, self.out_dir = cfg, cluster, tracker, out_dir
+        self.train_problems, self.eval_problems = train_problems, eval_problems
+        self.stream = PromptStream(train_problems, cfg.algorithm.prompts_per_step, cfg.seed)
+        self.algo_state: dict = {}
+        self.evals: dict = {}
+        self.timing: dict[str, float] = {}
+        self.faults: Counter[str] = Counter()
+        self.rollouts = out_dir / "rollouts.jsonl"
+        self.checkpoints = out_dir / "checkpoints"
 
-    bar = tqdm(range(start_step, cfg.train.steps), desc="train", unit="step", initial=start_step, total=cfg.train.steps)
-    for step in bar:
-        problems = stream.next()
+    def run(self, ckpt: Path | None, state: dict) -> dict:
+        step = state.get("step", 0)
+        self.bar = tqdm(total=self.cfg.train.steps, desc="train", unit="step", initial=step)
+        started = False
+        while True:
+            try:
+                if not started:
+                    step = self.restore(ckpt, state) if ckpt else self.begin()
+                    started = True
+                while step < self.cfg.train.steps:
+                    self.step(step)
+                    step += 1
+                    self.maybe_checkpoint(step)
+                return self.finish()
+            except TrainerGroupError as e:
+                step, started = self.recover(e, step), True
+
+    def begin(self) -> int:
+        if self.cfg.train.eval_before:
+            self.evals["eval_before"] = run_eval_phase(self.cluster, self.eval_problems, "eval_before", self.out_dir)
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_before"].items()}, step=0)
+        _trim_rollouts(self.rollouts, 0)
+        return 0
+
+    def restore(self, ckpt: Path, state: dict) -> int:
+        """Load a complete checkpoint into the trainer, the generators and this loop; returns its step."""
+        self.cluster.trainer.load_checkpoint(str(ckpt))
+        self.stream.load_state_dict(state["data"])
+        self.algo_state = copy.deepcopy(state.get("algorithm", {}))
+        self.evals = {**state.get("evals", {}), **self.evals}
+        self.timing = {**state.get("timing", {}), **self.timing}
+        self.cluster.push_weights(state["policy_version"])
+        self.cluster.tokens_generated = state.get("tokens_generated", 0)
+        _trim_rollouts(self.rollouts, state["step"])
+        return state["step"]
+
+    def recover(self, error: TrainerGroupError, step: int) -> int:
+        """Restart the trainer workers and go back to the last complete checkpoint (or the start)."""
+        self.faults["fault/trainer_restarts"] += 1
+        ckpt = latest_checkpoint(self.checkpoints)
+        if self.faults["fault/trainer_restarts"] > self.cfg.fault.max_trainer_restarts:
+            raise RunFailed(f"trainer workers failed {self.faults['fault/trainer_restarts']} times "
+                            f"(fault.max_trainer_restarts={self.cfg.fault.max_trainer_restarts}) at step {step + 1}: "
+                            f"{str(error).splitlines()[0]}; last complete checkpoint: {ckpt or 'none'}") from error
+        log.warning("trainer workers failed at step %d (%s); restarting from %s", step + 1,
+                    str(error).splitlines()[0], ckpt or "the initial weights")
+        self.cluster.restart_trainer()
+        if ckpt is None:  # nothing saved yet: the fresh workers hold the initial weights
+            self.stream = PromptStream(self.train_problems, self.cfg.algorithm.prompts_per_step, self.cfg.seed)
+            self.algo_state = {}
+            self.cluster.push_weights(0)
+            _trim_rollouts(self.rollouts, 0)
+            back = 0
+        else:
+            verify_checkpoint(ckpt)  # hashes every file: a damaged checkpoint stops the run rather than loading
+            back = self.restore(ckpt, read_driver_state(ckpt))
+        self.faults["fault/replayed_steps"] += step - back
+        self.bar.n = back
+        self.bar.refresh()
+        return back
+
+    def step(self, step: int) -> None:
+        cluster, cfg = self.cluster, self.cfg
+        problems = self.stream.next()
+        cluster.step = step + 1
         cluster.reseed(step)
         step_start, tokens_before = time.perf_counter(), cluster.tokens_generated
-        out = ALGORITHMS[cfg.algorithm.name](cluster, problems, cfg.algorithm, algo_state)
+        out = ALGORITHMS[cfg.algorithm.name](cluster, problems, cfg.algorithm, self.algo_state)
         step_s = time.perf_counter() - step_start
         phases = cluster.timer.pop()
         for k, v in phases.items():
-            timing_totals[k] = timing_totals.get(k, 0.0) + v
-        metrics = {**out.metrics, **phases, "timing/step": step_s,
+            self.timing[k] = self.timing.get(k, 0.0) + v
+        metrics = {**out.metrics, **phases, **self.fault_counters(), "timing/step": step_s,
                    "timing/overhead": step_s - sum(phases.values()),
                    "perf/tokens_per_s": (cluster.tokens_generated - tokens_before) / step_s}
-        tracker.log_metrics(metrics, step=step + 1)
-        with rollouts.open("a") as f:
+        self.tracker.log_metrics(metrics, step=step + 1)
+        with self.rollouts.open("a") as f:
             for r in rollout_records(step + 1, problems, out):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy/train']:.2f}")
-        due = cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0
-        if due and step + 1 < cfg.train.steps:
-            save_checkpoint(out_dir / "checkpoints", step + 1, cluster.trainer.save_checkpoint,
-                            driver_state(step + 1), cfg.train.keep_checkpoints)
-    final_ckpt = save_checkpoint(out_dir / "checkpoints", cfg.train.steps, cluster.trainer.save_checkpoint,
-                                 driver_state(cfg.train.steps), cfg.train.keep_checkpoints)
-    final_model = out_dir / "final_model"
-    cluster.trainer.export_hf(str(final_model))
-    if cfg.train.eval_after:
-        evals["eval_after"] = run_eval_phase(cluster, eval_problems, "eval_after", out_dir)
-        tracker.log_metrics({f"eval/{k}": v for k, v in evals["eval_after"].items()}, step=cfg.train.steps)
-    for k, v in cluster.timer.pop().items():
-        timing_totals[k] = timing_totals.get(k, 0.0) + v
-    return {"steps": cfg.train.steps, "algorithm": cfg.algorithm.name, "model": cfg.model.name, **evals,
-            "timing": {k.removeprefix("timing/"): v for k, v in timing_totals.items()},
-            "tokens_generated": cluster.tokens_generated, "policy_version": cluster.version,
-            "mlflow_run_id": tracker.run_id, "final_model_dir": str(final_model.absolute()),
-            "final_checkpoint": str(final_ckpt), "rollouts": str(out_dir / "rollouts.jsonl"),
-            "reward_events": cluster.rewards.counters()}
+        log.info("step %d/%d: reward %.3f, train accuracy %.2f, %.1f s", step + 1, cfg.train.steps,
+                 metrics["reward/mean"], metrics["accuracy/train"], step_s)
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy/train']:.2f}")
+
+    def fault_counters(self) -> dict[str, float]:
+        return {**self.cluster.fault_counters(), **self.faults}
+
+    def maybe_checkpoint(self, step: int) -> Path | None:
+        every = checkpoint_every(self.cfg)
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            return self.save(step)
+        return None
+
+    def save(self, step: int) -> Path:
+        state = {"policy_version": self.cluster.version, "data": self.stream.state_dict(),
+                 "algorithm": self.algo_state, "mlflow_run_id": self.tracker.run_id, "evals": self.evals,
+                 "tokens_generated": self.cluster.tokens_generated, "timing": self.timing,
+                 "config": self.cfg.model_dump(mode="json")}
+        meta = {"world_size": self.cfg.trainer.num_workers, "model": self.cfg.model.name}
+        with self.cluster.timer.phase("checkpoint"):
+            return save_checkpoint(self.checkpoints, step, self.cluster.trainer.save_checkpoint, state,
+                                   self.cfg.train.keep_checkpoints, meta=meta)
+
+    def finish(self) -> dict:
+        cfg, cluster = self.cfg, self.cluster
+        final_ckpt = self.save(cfg.train.steps)
+        final_model = self.out_dir / "final_model"
+        cluster.trainer.export_hf(str(final_model))
+        if cfg.train.eval_after:
+            self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=cfg.train.steps)
+        for k, v in cluster.timer.pop().items():
+            self.timing[k] = self.timing.get(k, 0.0) + v
+        faults = self.fault_counters()
+        self.tracker.log_metrics(faults, step=cfg.train.steps)
+        return {"steps": cfg.train.steps, "algorithm": cfg.algorithm.name, "model": cfg.model.name, **self.evals,
+                "timing": {k.removeprefix("timing/"): v for k, v in self.timing.items()},
+                "tokens_generated": cluster.tokens_generated, "policy_version": cluster.version,
+                "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),
+                "final_checkpoint": str(final_ckpt), "rollouts": str(self.rollouts),
+                "reward_events": cluster.rewards.counters(), "faults": faults}

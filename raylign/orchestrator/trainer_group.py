@@ -87,12 +87,17 @@ class TrainerGroup:
             run_config=RunConfig(name=f"trainer-{uuid.uuid4().hex[:8]}", storage_path=storage_dir,
                                  failure_config=FailureConfig(max_failures=0)),
         )
+        self.worker_pids: list[int] = []
+        self._worker_actors: list = []
         started = time.monotonic()
         self._thread = threading.Thread(target=self._fit, name="raylign-trainer-fit", daemon=True)
         self._thread.start()
         try:
             # 0 when the model's attention cannot take the packed rows' 4D mask (trainer_math.packing_row_tokens)
-            self.packed_row_tokens = self._collect(READY, "start")[0]["packed_row_tokens"]
+            ready = self._collect(READY, "start", command_timeout_s)
+            self.packed_row_tokens = ready[0]["packed_row_tokens"]
+            self.worker_pids = [r["pid"] for r in ready]
+            self._worker_actors = [r["actor"] for r in ready]
             # The first command pays one-off costs (FSDP lazy init, first object fetch, queue paths: ~3-6 s);
             # pay them here so start_s holds them and step timings do not.
             self.logprobs(TrainBatch([[0]], [[0]], [[1]]))
@@ -157,9 +162,20 @@ class TrainerGroup:
                 self._send(Stop(), timeout_s)
             except (TrainerCommandError, TrainerGroupError):
                 pass  # the workers are already gone; joining below is all that is left
+        if self._thread.is_alive() and self._broken is not None:
+            self.abort()
         self._thread.join(timeout_s)
         for q in [*self._commands, self._replies]:
             q.shutdown()
+
+    def abort(self) -> None:
+        """Kill every worker actor: a rank stuck in a collective never reads Stop. Ray Train then sees the
+        group fail, and fit() returns."""
+        for actor in self._worker_actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead
+                pass
 
     def __enter__(self) -> TrainerGroup:
         return self

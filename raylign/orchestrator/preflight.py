@@ -1,0 +1,99 @@
+"""Checks the driver runs before any actor starts: each bad input is one line naming the file, row or field.
+
+- problems: an empty split, or fewer training problems than one step takes;
+- resume: the checkpoint to continue from must be complete and intact (manifest sizes and hashes), written by
+  the same number of trainer workers for the same model, and the config must not change a field that the
+  saved state depends on (the prompt stream, the RNG states, the optimizer's parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from raylign.config import Config, ConfigError
+from raylign.envs import DataError, Problem, make_env
+from raylign.orchestrator.checkpoint import MANIFEST, read_driver_state, verify_checkpoint
+
+# Fields a resumed run must share with the run it continues: the model and its optimizer state, the trainer's
+# per-rank RNG states, the algorithm's state, and the problem set whose shuffled order the checkpoint indexes.
+RESUME_FIXED = ["model.name", "trainer.num_workers", "algorithm.name", "algorithm.critic", "env.name",
+                "env.difficulty", "env.num_problems", "env.seed", "dataset.path", "dataset.limit",
+                "dataset.question_key", "dataset.question_template", "dataset.answer_key", "seed"]
+
+
+def data_source(cfg: Config, split: str) -> str:
+    if cfg.dataset.path:
+        return cfg.dataset.path.replace("{split}", split)
+    return f"env.name={cfg.env.name} (built-in data)"
+
+
+def require_problems(problems: list[Problem], cfg: Config, split: str, need: int, purpose: str) -> list[Problem]:
+    """``problems`` unchanged, or a DataError when the split yields fewer than ``need`` of them."""
+    if len(problems) < need:
+        found = "no problems" if not problems else f"only {len(problems)} problems"
+        raise DataError(f"{data_source(cfg, split)}: split '{split}' yields {found}; {purpose} needs at least {need}")
+    return problems
+
+
+def training_problems(env, cfg: Config) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out eval problems), each checked against what the run needs of it."""
+    train = require_problems(env.problems("train"), cfg, "train", cfg.algorithm.prompts_per_step,
+                             f"one training step (algorithm.prompts_per_step={cfg.algorithm.prompts_per_step})")
+    evals: list[Problem] = []
+    if cfg.train.eval_before or cfg.train.eval_after:
+        evals = require_problems(env.problems(cfg.train.eval_split), cfg, cfg.train.eval_split, 1,
+                                 "the held-out eval (train.eval_before / train.eval_after)")[:cfg.train.eval_limit]
+    return train, evals
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest step folder with a manifest, complete or not: a damaged newest checkpoint is an error to
+    report (verify_checkpoint names the file), not a reason to fall back silently to an older one."""
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()]
+    return max(found, key=lambda p: int(p.name[5:]), default=None)
+
+
+def resume_point(cfg: Config, out_dir: Path) -> tuple[Path | None, dict]:
+    """The checkpoint a ``--resume`` continues from (verified) and its driver state; (None, {}) to start fresh."""
+    if cfg.train.resume != "auto":
+        return None, {}
+    ckpt = newest_checkpoint(out_dir / "checkpoints")
+    if ckpt is None:
+        return None, {}
+    verify_checkpoint(ckpt, expect={"world_size": cfg.trainer.num_workers, "model": cfg.model.name})
+    state = read_driver_state(ckpt)
+    saved, now = state.get("config", {}), cfg.model_dump(mode="json")
+    for dotted in RESUME_FIXED:
+        if saved and _get(saved, dotted) != _get(now, dotted):
+            raise ConfigError(f"--resume from {ckpt}: it was written with {dotted}={_get(saved, dotted)!r}, this run "
+                              f"has {dotted}={_get(now, dotted)!r}; put it back or use a new output_dir")
+    if state["step"] > cfg.train.steps:
+        raise ConfigError(f"--resume from {ckpt}: it is at step {state['step']}, past train.steps={cfg.train.steps}")
+    return ckpt, state
+
+
+@dataclass
+class TrainingPlan:
+    """What `raylign train` checked before starting anything: the config with absolute paths, the problems,
+    and the checkpoint it continues from (None: a fresh run) with its driver state."""
+
+    cfg: Config
+    train_problems: list[Problem]
+    eval_problems: list[Problem]
+    ckpt: Path | None
+    state: dict
+
+
+def plan_training(cfg: Config) -> TrainingPlan:
+    """Every check that needs neither a model nor Ray; light imports only, so bad input fails in about a second."""
+    cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
+    train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
+    ckpt, state = resume_point(cfg, Path(cfg.output_dir))
+    return TrainingPlan(cfg, train, evals, ckpt, state)

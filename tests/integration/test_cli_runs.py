@@ -1,0 +1,78 @@
+"""`raylign train` / `raylign eval` as a user runs them: subprocesses with relative paths, from a working
+directory that is not the repository, each starting its own local Ray cluster."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.helpers import PRESET, TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+# Relative on purpose: resolved against the subprocess's working directory, never the trainer workers'.
+RUN = ["model.name=tiny-random-llama", *TINY, "ray.num_cpus=6", "tracking.uri=sqlite:///mlflow.db",
+       "train.checkpoint_every=1"]
+
+
+def _raylign(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "raylign", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_relative_output_dir_then_eval_and_resume(tmp_path):
+    _raylign(tmp_path, "train", str(PRESET), *RUN, "output_dir=runs/rel", "train.steps=2")
+    run = tmp_path / "runs/rel"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_model_dir"] == str(run / "final_model")
+    assert (run / "final_model/model.safetensors").is_file() and (run / "final_model/config.json").is_file()
+    ckpt = Path(summary["final_checkpoint"])
+    assert ckpt == run / "checkpoints/step-000002"
+    assert {"trainer_model.safetensors", "driver_state.json", "manifest.json"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(ckpt.glob("*.pt"))  # nothing pickled
+    assert (tmp_path / "mlflow.db").is_file()
+
+    _raylign(tmp_path, "eval", str(ROOT / "configs/eval_arith.yaml"), "model.name=runs/rel/final_model",
+             "dataset.limit=4", "generator.max_new_tokens=8", "output_dir=runs/eval", "ray.num_cpus=4",
+             "tracking.uri=sqlite:///mlflow.db")
+    evaluated = json.loads((tmp_path / "runs/eval/summary.json").read_text())
+    assert evaluated["model_path"] == str(run / "final_model") and evaluated["n"] == 4
+
+    proc = _raylign(tmp_path, "train", str(PRESET), *RUN, "output_dir=runs/rel", "train.steps=3", "--resume")
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["steps"] == 3 and resumed["policy_version"] == 3
+    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert "held-out greedy accuracy" in proc.stdout
+    rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3]
+
+
+def test_driver_killed_mid_run_resumes_to_identical_weights(tmp_path):
+    common = [*RUN, "generator.backend=hf", "train.eval_before=false", "train.eval_after=false", "train.steps=4"]
+    _raylign(tmp_path, "train", str(PRESET), *common, "output_dir=runs/straight")
+    kill_after = random.Random(os.getpid()).choice([1, 2, 3])  # a random step, seen through its checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "raylign", "train", str(PRESET), *common, "output_dir=runs/cut"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / f"runs/cut/checkpoints/step-{kill_after:06d}/manifest.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _raylign(tmp_path, "train", str(PRESET), *common, "output_dir=runs/cut", "--resume")
+    a = load_file(tmp_path / "runs/straight/final_model/model.safetensors")
+    b = load_file(tmp_path / "runs/cut/final_model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed after step {kill_after}"
+    straight = [json.loads(x)["completion"] for x in (tmp_path / "runs/straight/rollouts.jsonl").read_text().splitlines()]
+    cut = [json.loads(x)["completion"] for x in (tmp_path / "runs/cut/rollouts.jsonl").read_text().splitlines()]
+    assert cut == straight
