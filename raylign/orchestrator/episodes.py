@@ -64,9 +64,13 @@ class CombinedRewards:
     def counters(self) -> dict[str, int]:
         return self.pool.counters()
 
+    def fault_counters(self) -> dict[str, int]:
+        return self.pool.fault_counters()
+
 
 def rollout_stack(cfg: Config, generators: GeneratorPool, rewards: RewardPool, tokenizer):
     """(rollouts, rewards): the pools themselves, or their tool-use wrappers for env.name=rag."""
     if cfg.env.name != "rag":
         return generators, rewards
-    return ToolEpisodes(generators, RetrieverPool(cfg), tokenizer, cfg), CombinedRewards(rewards, cfg.rag.combine)
+    retrievers = RetrieverPool(cfg, fault_cfg=cfg.fault)
+    return ToolEpisodes(generators, retrievers, tokenizer, cfg), CombinedRewards(rewards, cfg.rag.combine)

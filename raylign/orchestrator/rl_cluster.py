@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ray
-
-from raylign.actors.reference import ReferenceActor
 from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.envs.base import Problem, Score
 from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.metrics import PhaseTimer
+from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.trainer_group import TrainerGroup
 from raylign.types import Completion, TrainBatch
@@ -40,16 +38,14 @@ class RayCluster:
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         with self.timer.phase("startup"):
             self.trainer = self._start_trainer()
-            self.generators = GeneratorPool(model_path, cfg.model, cfg.generator)
+            self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
             self.reference = None
             if cfg.trainer.ref_model == "actor":
-                self.reference = ReferenceActor.options(
-                    num_cpus=cfg.trainer.num_cpus_per_worker, num_gpus=1 if cfg.trainer.use_gpu else 0,
-                ).remote(model_path, cfg.model, cfg.trainer)
-                ray.get(self.reference.ready.remote())
+                self.reference = ReferenceClient(model_path, cfg.model, cfg.trainer, cfg.fault)
             # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
-            self.rollouts, self.rewards = rollout_stack(
-                cfg, self.generators, RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag), tokenizer)
+            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
+                                 fault_cfg=cfg.fault)
+            self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
 
     def _start_trainer(self) -> TrainerGroup:
         cfg = self.cfg
@@ -127,7 +123,7 @@ class RayCluster:
     def logprobs(self, batch: TrainBatch, which: str = "policy") -> list[list[float]]:
         with self.timer.phase("logprobs" if which == "policy" else "ref_logprobs"):
             if which == "ref" and self.reference is not None:
-                return ray.get(self.reference.logprobs.remote(batch))
+                return self.reference.logprobs(batch)
             return self.trainer.logprobs(batch, which=which)
 
     def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
@@ -156,5 +152,5 @@ class RayCluster:
             self.rollouts.shutdown()
         self.generators.shutdown()
         if self.reference is not None:
-            ray.kill(self.reference)
+            self.reference.shutdown()
         self.weights_path.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, re
                                              verify_checkpoint)
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.evaluate import evaluate
+from raylign.orchestrator.faults import RestartLimitError
 from raylign.orchestrator.preflight import TrainingPlan, plan_training
 from raylign.orchestrator.rl_cluster import RayCluster
 from raylign.orchestrator.tracking import Tracker
@@ -151,6 +152,9 @@ class TrainingRun:
                 return self.finish()
             except TrainerGroupError as e:
                 step, started = self.recover(e, step), True
+            except RestartLimitError as e:
+                ckpt = latest_checkpoint(self.checkpoints)
+                raise RunFailed(f"{e} (at step {step + 1}); last complete checkpoint: {ckpt or 'none'}") from e
 
     def begin(self) -> int:
         if self.cfg.train.eval_before:
