@@ -1,4 +1,8 @@
-"""GeneratorActor: one generation engine replica (vLLM or transformers) behind a Ray actor."""
+"""GeneratorActor: one generation engine replica (vLLM or transformers) behind a Ray actor.
+
+``pid`` and ``inject_hang`` are test hooks: the fault tests SIGKILL the process, or make the next generate
+call stall as a wedged engine would; GeneratorPool must recover from both.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class GeneratorActor:
         torch.set_num_threads(gen_cfg.torch_threads or max(1, (os.cpu_count() or 1) // gen_cfg.num_replicas))
         self.replica = replica
         self.version = 0
+        self.hang_s = 0.0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         self.backend = GENERATORS[gen_cfg.backend](model_path, model_cfg, gen_cfg)
 
@@ -33,6 +38,9 @@ class GeneratorActor:
         return self.replica
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[list[Completion]]:
+        if self.hang_s:
+            hang, self.hang_s = self.hang_s, 0.0
+            time.sleep(hang)
         prompts_ids = [self._ids(p) for p in prompts]
         groups = self.backend.generate(prompts_ids, spec)
         for group in groups:
@@ -52,6 +60,13 @@ class GeneratorActor:
 
     def policy_version(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def inject_hang(self, seconds: float) -> None:
+        """Test hook: the next generate call sleeps this long before working."""
+        self.hang_s = seconds
 
     def _ids(self, prompt: Prompt) -> list[int]:
         if prompt and isinstance(prompt[0], dict):

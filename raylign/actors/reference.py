@@ -55,3 +55,7 @@ class ReferenceActor:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """Test hook: the fault tests SIGKILL this process."""
+        return os.getpid()

@@ -8,6 +8,7 @@ the executor is replaced and the stuck thread is abandoned.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,10 @@ class RewardActor:
 
     def counters(self) -> dict[str, int]:
         return dict(self.events)
+
+    def pid(self) -> int:
+        """Test hook: the fault tests SIGKILL this process."""
+        return os.getpid()
 
     def _score_one(self, problem: Problem, text: str) -> Score:
         future = self.pool.submit(self.reward_fn, problem, text)

@@ -2,63 +2,193 @@
 
 All n samples of one prompt go to the same replica (so its prefix cache serves them). Work is handed out
 in chunks to whichever replica is free first.
+
+Faults: each chunk has a deadline (``generator.timeout_s``, else derived from its token count). A replica
+that dies or misses it is killed and replaced under the same index; the pool remembers the last
+``load_weights`` and ``reseed`` and replays them into the replacement, so its samples carry the current
+policy version, and the lost chunk is handed out again: the call still returns n samples per prompt. The
+replacement's start-up overlaps the rest of the call (the next control call waits for it). Past
+``fault.max_generator_restarts`` replacements the pool raises ``GeneratorPoolError``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import ray
 
 from raylign.actors.generator import GeneratorActor, Prompt
-from raylign.config import GeneratorConfig, ModelConfig
+from raylign.config import FaultConfig, GeneratorConfig, ModelConfig
+from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
 from raylign.types import Completion, SamplingSpec
+
+log = logging.getLogger(__name__)
+
+# Derived chunk deadline (generator.timeout_s unset): a fixed allowance (scheduling, prefill, a first call's
+# warm-up) plus the chunk's worst-case token count at a floor rate. Measured on 2 CPU cores: vLLM 150-500
+# tok/s, transformers ~160; the floor sits 8x under the slowest, leaving room for replicas sharing cores and
+# for bigger models, because a false timeout costs a replica restart and a redone chunk.
+CHUNK_ALLOWANCE_S = 120.0
+FLOOR_TOKENS_PER_S = 20.0
+# A replacement must be up and restored within this long (vLLM builds its engine: 5-30 s for a small model
+# on CPU, minutes for a large one on GPU); past it, it counts as one more fault.
+START_DEADLINE_S = 900.0
+SEED_STRIDE = 7919  # replica i is seeded with seed + SEED_STRIDE * i, so replicas sample differently
+
+
+class GeneratorPoolError(RestartLimitError):
+    """Generator replicas failed more often than ``fault.max_generator_restarts`` allows."""
+
+
+@dataclass
+class _Job:
+    """One outstanding remote call: a chunk of prompts, or (part None) a replacement starting up."""
+
+    replica: int
+    limit_s: float
+    start: int = 0
+    part: list | None = None
+    restore: list = field(default_factory=list)  # a replacement's start-up calls, all checked once done
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.limit_s
 
 
 class GeneratorPool:
-    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig):
+    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig,
+                 fault_cfg: FaultConfig | None = None):
+        self.args = (model_path, model_cfg, gen_cfg)
         self.cfg = gen_cfg
-        self.actors = [
-            GeneratorActor.options(num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus).remote(
-                model_path, model_cfg, gen_cfg, replica=i)
-            for i in range(gen_cfg.num_replicas)
-        ]
+        self.fault = fault_cfg or FaultConfig()
+        self.restarts = RestartBudget("generator", self.fault.max_generator_restarts,
+                                      "fault.max_generator_restarts", GeneratorPoolError)
+        self.weights: tuple[str, int] | None = None  # last load_weights(path, version), replayed on a restart
+        self.seed: int | None = None  # last reseed(seed)
+        self.starting: dict[ray.ObjectRef, _Job] = {}  # replacements still starting after a generate call
+        self.actors = [self._start(i) for i in range(gen_cfg.num_replicas)]
         ray.get([a.ready.remote() for a in self.actors])
 
+    def _start(self, replica: int):
+        return GeneratorActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus).remote(
+            *self.args, replica=replica)
+
     def spec(self, **changes) -> SamplingSpec:
-        base = dict(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                    max_new_tokens=self.cfg.max_new_tokens, n=self.cfg.n)
+        base = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+                "max_new_tokens": self.cfg.max_new_tokens, "n": self.cfg.n}
         return SamplingSpec(**{**base, **changes})
+
+    def chunk_deadline_s(self, num_prompts: int, spec: SamplingSpec) -> float:
+        if self.cfg.timeout_s is not None:
+            return self.cfg.timeout_s
+        return CHUNK_ALLOWANCE_S + num_prompts * spec.n * spec.max_new_tokens / FLOOR_TOKENS_PER_S
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec,
                  on_done: Callable[[int], None] | None = None) -> list[list[Completion]]:
-        chunk = max(1, min(self.cfg.batch_size, -(-len(prompts) // len(self.actors))))
-        pending = [(s, prompts[s:s + chunk]) for s in range(0, len(prompts), chunk)]
+        size = max(1, min(self.cfg.batch_size, -(-len(prompts) // len(self.actors))))
+        pending = deque((s, prompts[s:s + size]) for s in range(0, len(prompts), size))
         results: list[list[Completion] | None] = [None] * len(prompts)
-        free = list(self.actors)
-        running: dict = {}
-        while pending or running:
+        jobs, self.starting = self.starting, {}
+        busy = {job.replica for job in jobs.values()}
+        free = deque(i for i in range(len(self.actors)) if i not in busy)
+        while pending or any(job.part is not None for job in jobs.values()):
             while pending and free:
-                start, part = pending.pop(0)
-                actor = free.pop(0)
-                running[actor.generate.remote(part, spec)] = (start, len(part), actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            start, size, actor = running.pop(ready[0])
-            results[start:start + size] = ray.get(ready[0])
-            free.append(actor)
-            if on_done:
-                on_done(size)
+                i, (start, part) = free.popleft(), pending.popleft()
+                job = _Job(i, self.chunk_deadline_s(len(part), spec), start, part)
+                jobs[self.actors[i].generate.remote(part, spec)] = job
+            for job, value, cause in self._settle(jobs):
+                if cause is not None:
+                    jobs.update([self._replace(job.replica, cause)])
+                    if job.part is not None:  # its chunk goes to the next free replica, maybe the replacement
+                        pending.appendleft((job.start, job.part))
+                    continue
+                free.append(job.replica)
+                if job.part is not None:
+                    results[job.start:job.start + len(job.part)] = value
+                    if on_done:
+                        on_done(len(job.part))
+        self.starting = jobs  # replacements not up yet keep starting while the caller scores and trains
         return results  # type: ignore[return-value]
 
+    def _settle(self, jobs: dict[ray.ObjectRef, _Job]) -> list[tuple[_Job, object, str | None]]:
+        """Wait until a job finishes or passes its deadline; pop those jobs and return them as
+        (job, value, cause), cause None on success."""
+        timeout = max(0.0, min(job.deadline for job in jobs.values()) - time.monotonic())
+        ready, _ = ray.wait(list(jobs), num_returns=1, timeout=timeout)
+        if not ready:
+            now = time.monotonic()
+            expired = [jobs.pop(r) for r, job in list(jobs.items()) if job.deadline <= now]
+            return [(job, None, f"gave no result within {job.limit_s:.0f} s") for job in expired]
+        job = jobs.pop(ready[0])
+        try:
+            value = ray.get(ready[0])
+            ray.get(job.restore)  # a replacement's earlier restore calls: done, but maybe failed
+        except ACTOR_FAULTS as e:
+            return [(job, None, fault_cause(e))]
+        return [(job, value, None)]
+
+    def _replace(self, i: int, cause: str) -> tuple[ray.ObjectRef, _Job]:
+        """Kill replica i and start a fresh one under the same index, restored to the pool's weights, policy
+        version and seed; returns its start-up job (done when all restore calls are)."""
+        self.restarts.spend(f"generator replica {i}", cause)
+        ray.kill(self.actors[i])
+        self.actors[i] = actor = self._start(i)
+        # An actor runs one caller's calls in submission order, so the last restore call finishing means
+        # all have; until then the replica takes no chunk.
+        restore = [actor.ready.remote()]
+        if self.weights is not None:
+            restore.append(actor.load_weights.remote(*self.weights))
+        if self.seed is not None:
+            restore.append(actor.reseed.remote(self.seed + SEED_STRIDE * i))
+        return restore[-1], _Job(i, START_DEADLINE_S, restore=restore[:-1])
+
+    def _await_started(self) -> None:
+        """Block until every replacement started by earlier calls is up (a failed start is one more fault)."""
+        jobs, self.starting = self.starting, {}
+        while jobs:
+            for job, _, cause in self._settle(jobs):
+                if cause is not None:
+                    jobs.update([self._replace(job.replica, cause)])
+
+    def _each(self, method: str, args: Callable[[int], tuple] = lambda i: ()) -> list:
+        """Call ``method`` on every replica with deadline fault.call_timeout_s; a replica that dies or misses
+        it is replaced (restored to the pool's state) and asked once more."""
+        self._await_started()
+        timeout = self.fault.call_timeout_s
+        refs = [getattr(a, method).remote(*args(i)) for i, a in enumerate(self.actors)]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=timeout))
+            except ACTOR_FAULTS as e:
+                self.starting = dict([self._replace(i, f"{method}: {fault_cause(e, timeout)}")])
+                self._await_started()
+                try:
+                    out.append(ray.get(getattr(self.actors[i], method).remote(*args(i)), timeout=timeout))
+                except ACTOR_FAULTS as again:
+                    raise GeneratorPoolError(f"generator replica {i} {method}: {fault_cause(again, timeout)} "
+                                             "again right after a restart") from again
+        return out
+
     def load_weights(self, path: str, version: int) -> list[float]:
-        return ray.get([a.load_weights.remote(path, version) for a in self.actors])
+        self.weights = (path, version)  # set first: a replica replaced during the load comes back with these
+        return self._each("load_weights", lambda i: (path, version))
 
     def reseed(self, seed: int) -> None:
-        ray.get([a.reseed.remote(seed + 7919 * i) for i, a in enumerate(self.actors)])
+        self.seed = seed
+        self._each("reseed", lambda i: (seed + SEED_STRIDE * i,))
 
     def policy_versions(self) -> list[int]:
-        return ray.get([a.policy_version.remote() for a in self.actors])
+        return self._each("policy_version")
+
+    def fault_counters(self) -> dict[str, int]:
+        return self.restarts.counters()
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+        self.starting = {}

@@ -1,24 +1,33 @@
 """A pool of retriever actors. The driver builds (or reuses) the index once; each actor opens it read-only.
-A batch of queries is cut into contiguous parts, one per actor, and the results come back in query order. An
-actor that dies is replaced and its part is searched again once."""
+A batch of queries is cut into contiguous parts, one per actor, and the results come back in query order.
+
+Every search waits at most ``fault.call_timeout_s``. An actor that dies or misses it is replaced and its part
+searched again (the index is read-only, so the retry is exact), until it answers or the replacements pass
+``fault.max_actor_restarts``, which raises ``RetrieverPoolError``. Counted as ``fault/retriever_restarts``."""
 
 from __future__ import annotations
 
 import ray
-from ray.exceptions import RayActorError
 
 from raylign.actors.retriever import RetrieverActor
-from raylign.config import Config
+from raylign.config import Config, FaultConfig
 from raylign.envs.rag.store import Hit, build_store
+from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
+
+
+class RetrieverPoolError(RestartLimitError):
+    """Retriever actors failed more often than ``fault.max_actor_restarts`` allows."""
 
 
 class RetrieverPool:
-    def __init__(self, cfg: Config, index_path: str | None = None):
+    def __init__(self, cfg: Config, index_path: str | None = None, fault_cfg: FaultConfig | None = None):
         self.rag = cfg.rag
+        self.fault = fault_cfg or cfg.fault
+        self.restarts = RestartBudget("retriever", self.fault.max_actor_restarts, "fault.max_actor_restarts",
+                                      RetrieverPoolError)
         self.index_path = index_path or str(build_store(cfg).path)
         self.actors = [self._start() for _ in range(cfg.rag.num_retrievers)]
         ray.get([a.ready.remote() for a in self.actors])
-        self.restarts = 0
 
     def _start(self):
         return RetrieverActor.options(num_cpus=self.rag.retriever_num_cpus).remote(self.index_path, self.rag)
@@ -29,19 +38,26 @@ class RetrieverPool:
         parts = [queries[i:i + size] for i in range(0, len(queries), size)] if queries else []
         refs = [a.search.remote(p, k, method) for a, p in zip(self.actors, parts)]
         out: list[list[Hit]] = []
+        timeout = self.fault.call_timeout_s
         for i, (ref, part) in enumerate(zip(refs, parts, strict=True)):
-            try:
-                out += ray.get(ref)
-            except RayActorError:
-                self.restarts += 1
-                ray.kill(self.actors[i])
-                self.actors[i] = self._start()
-                out += ray.get(self.actors[i].search.remote(part, k, method))
+            while True:
+                try:
+                    out += ray.get(ref, timeout=timeout)
+                    break
+                except ACTOR_FAULTS as e:
+                    self.restarts.spend(f"retriever actor {i}", fault_cause(e, timeout))
+                    ray.kill(self.actors[i])
+                    self.actors[i] = self._start()
+                    # the fresh actor opens the index before it searches: both within one deadline
+                    ref = self.actors[i].search.remote(part, k, method)
         return out
 
     def __call__(self, queries: list[str], k: int) -> list[list[Hit]]:
         """The ``Search`` callable of ``raylign.envs.rag.episode``: hybrid search."""
         return self.search(queries, k)
+
+    def fault_counters(self) -> dict[str, int]:
+        return self.restarts.counters()
 
     def shutdown(self) -> None:
         for a in self.actors:
