@@ -84,8 +84,9 @@ def run_eval(cfg: Config) -> dict:
     try:
         tracker.log_config(cfg)
         with ray_cluster(cfg.ray):
-            gens = GeneratorPool(model_path, cfg.model, cfg.generator)
-            rollouts, rewards = rollout_stack(cfg, gens, RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag), tokenizer)
+            gens = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
+            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag, fault_cfg=cfg.fault)
+            rollouts, rewards = rollout_stack(cfg, gens, rewards, tokenizer)
             metrics, records = evaluate(problems, prompts_ids, rollouts, rewards, gens.spec())
             metrics.update({f"reward_events/{k}": v for k, v in rewards.counters().items()})
         write_jsonl(out_dir / "samples.jsonl", records)

@@ -151,6 +151,7 @@ class RayCluster:
         if self.rollouts is not self.generators:
             self.rollouts.shutdown()
         self.generators.shutdown()
+        getattr(self.rewards, "pool", self.rewards).shutdown()
         if self.reference is not None:
             self.reference.shutdown()
         self.weights_path.unlink(missing_ok=True)

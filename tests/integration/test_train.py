@@ -6,17 +6,16 @@ import json
 
 import mlflow
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import raylign
-from raylign.actors.reference import ReferenceActor
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.algorithms.protocol import completions_batch
 from raylign.envs import make_env
 from raylign.models import load_hf_model, load_tokenizer
+from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.rl_cluster import RayCluster
 from tests.integration.helpers import tiny_config, vowel_reward
 
@@ -60,7 +59,7 @@ def test_generator_logprobs_match_trainer_after_sync(cluster):
 
 def test_kl_to_a_reference_in_its_own_actor(cluster, tiny_model):
     cfg, rc = cluster
-    rc.reference = ReferenceActor.remote(tiny_model, cfg.model, cfg.trainer)
+    rc.reference = ReferenceClient(tiny_model, cfg.model, cfg.trainer, cfg.fault)
     problems = make_env(cfg.env, cfg.dataset).problems("train")[:2]
     groups = rc.generate(problems, n=3, temperature=1.0)  # 3 samples of one prompt share a packed row
     batch = completions_batch(groups)
@@ -80,6 +79,6 @@ def test_kl_to_a_reference_in_its_own_actor(cluster, tiny_model):
             kls.append(out.metrics["kl/mean"])
     finally:
         cfg.algorithm.kl_beta = 0.0
-        ray.kill(rc.reference)
+        rc.reference.shutdown()
         rc.reference = None
     assert kls[1] > 1e-4 and out.metrics["loss/kl"] > 0  # the policy has moved away from the frozen copy
