@@ -3,8 +3,9 @@
 ``TorchTrainer.fit()`` blocks until the workers' loop returns, so it runs in a daemon thread; the driver
 talks to the workers through Ray queues (one command queue per rank, one shared reply queue). A command
 goes to every rank and returns when every rank has replied, or raises ``TrainerCommandError`` carrying the
-worker traceback; the workers keep serving after an error. If the workers die (fit() returns or raises),
-a waiting call raises ``TrainerGroupError`` within POLL_S instead of hanging.
+worker traceback; the workers keep serving after an error. If a worker dies (its actor is gone, or fit()
+returns or raises) or a command runs past ``command_timeout_s``, a waiting call raises ``TrainerGroupError``
+within about 2 x POLL_S instead of hanging; the driver then restarts the group (train_loop.TrainingRun).
 
 Resources: num_workers x num_cpus_per_worker logical CPUs (+1 GPU each with use_gpu) in a placement group;
 the queues and Ray Train's controller take 0 CPUs. Ray Train writes its run folder under ``storage_dir``.
@@ -22,6 +23,7 @@ import uuid
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
@@ -228,11 +230,28 @@ class TrainerGroup:
             raise TrainerCommandError(f"{what} failed on rank(s) {ranks}:\n{min(errors, key=lambda r: r.rank).error}")
         return [replies[r].value for r in range(self.world)]
 
+    def _dead_ranks(self) -> list[int]:
+        """Ranks whose worker actor is gone. Ray Train's controller notices a dead worker only at its next health
+        check (10 s here) and then tears the group down; asking each actor directly takes about a second."""
+        refs = [actor.__ray_ready__.remote() for actor in self._worker_actors]
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S) if refs else ([], [])
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in answered:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    dead.append(rank)
+        return dead
+
     def _check_alive(self, what: str, started: float, failed_at: float | None, timeout_s: float | None,
                      replies: dict[int, Reply]) -> None:
         now = time.monotonic()
+        dead = self._dead_ranks()
         if not self._thread.is_alive():
             self._broken = f"trainer workers exited during {what}: {self._fit_error!r}"
+        elif dead:
+            self._broken = f"trainer worker rank(s) {dead} died during {what}"
         elif failed_at is not None and now - failed_at > ERROR_GRACE_S:
             first = next(r for r in replies.values() if not r.ok)
             silent = sorted(set(range(self.world)) - set(replies))
