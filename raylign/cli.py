@@ -13,10 +13,12 @@ from raylign.config import ConfigError, config_fields, load_config
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from raylign.orchestrator.preflight import plan_eval
+
+    cfg, problems = plan_eval(load_config(args.config, args.overrides))  # bad data fails before Ray is imported
     from raylign.orchestrator.evaluate import run_eval
 
-    cfg = load_config(args.config, args.overrides)
-    summary = run_eval(cfg)
+    summary = run_eval(cfg, problems)
     keys = ["accuracy"] + [k for k in summary if k.startswith("pass_at_")] + ["format_rate", "n", "model", "dataset"]
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"samples:  {summary['output_dir']}/samples.jsonl")

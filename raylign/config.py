@@ -213,7 +213,7 @@ class Config(_Section):
         evals = [f"train.{k}" for k in ("eval_before", "eval_after") if getattr(self.train, k)]
         if self.train.eval_limit == 0 and evals:
             raise ValueError(f"train.eval_limit=0 leaves nothing to evaluate but {' and '.join(evals)} "
-                             "is on: raise the limit or turn the evals off")
+                             f"{'are' if len(evals) > 1 else 'is'} on: raise the limit or turn the evals off")
         if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
             raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer or actor")
         return self

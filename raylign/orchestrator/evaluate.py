@@ -10,13 +10,12 @@ from tqdm import tqdm
 
 from raylign.chat import encode_chat
 from raylign.config import Config
-from raylign.envs import make_env
 from raylign.envs.base import Problem, Score
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.episodes import CombinedRewards, ToolEpisodes, rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
-from raylign.orchestrator.preflight import require_problems
+from raylign.orchestrator.preflight import plan_eval
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.tracking import Tracker
 from raylign.types import Completion, SamplingSpec
@@ -69,11 +68,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_eval(cfg: Config) -> dict:
-    """The whole `raylign eval` command. Everything that can fail on bad input fails before Ray starts."""
-    cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
-    env = make_env(cfg.env, cfg.dataset, cfg.rag)
-    problems = require_problems(env.problems(cfg.dataset.split), cfg, cfg.dataset.split, 1, "an eval")
+def run_eval(cfg: Config, problems: list[Problem] | None = None) -> dict:
+    """The whole `raylign eval` command. Everything that can fail on bad input fails before Ray starts.
+
+    ``problems``: already loaded and checked by ``preflight.plan_eval`` (which also made ``cfg``'s paths
+    absolute: no relative path may reach an actor, their working directories differ)."""
+    if problems is None:
+        cfg, problems = plan_eval(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompts_ids = [encode_chat(tokenizer, p.messages) for p in problems]

@@ -97,3 +97,10 @@ def plan_training(cfg: Config) -> TrainingPlan:
     train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
     ckpt, state = resume_point(cfg, Path(cfg.output_dir))
     return TrainingPlan(cfg, train, evals, ckpt, state)
+
+
+def plan_eval(cfg: Config) -> tuple[Config, list[Problem]]:
+    """`raylign eval`'s checks before anything starts: absolute paths, and at least one problem to pose."""
+    cfg = cfg.absolutized()
+    env = make_env(cfg.env, cfg.dataset, cfg.rag)
+    return cfg, require_problems(env.problems(cfg.dataset.split), cfg, cfg.dataset.split, 1, "an eval")

