@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.integration.helpers import PRESET, TINY
@@ -47,6 +48,14 @@ def test_relative_output_dir_then_eval_and_resume(tmp_path):
     evaluated = json.loads((tmp_path / "runs/eval/summary.json").read_text())
     assert evaluated["model_path"] == str(run / "final_model") and evaluated["n"] == 4
 
+    # A resume that cannot work (here: another algorithm) stops before Ray and leaves the finished run as it was.
+    bad = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *RUN, "output_dir=runs/rel",
+                          "train.steps=3", "algorithm.name=rloo", "--resume"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "algorithm.name='rloo'" in bad.stderr
+    mlflow_runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert mlflow_runs.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
     proc = _raylign(tmp_path, "train", str(PRESET), *RUN, "output_dir=runs/rel", "train.steps=3", "--resume")
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["steps"] == 3 and resumed["policy_version"] == 3
@@ -54,6 +63,7 @@ def test_relative_output_dir_then_eval_and_resume(tmp_path):
     assert "held-out greedy accuracy" in proc.stdout
     rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [1, 2, 3]
+    assert mlflow_runs.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_driver_killed_mid_run_resumes_to_identical_weights(tmp_path):
