@@ -121,11 +121,12 @@ def main() -> None:
         "preset": "configs/grpo_arith.yaml", "overrides": OVERRIDES, "steps": STEPS, "seed": SEED, "fault_steps": faulted["plan"],
         "steps_completed": faulted["steps"], "restarts": faulted["faults"],
         "seconds_lost_per_fault": lost, "wall_s": {"clean": clean["wall_s"], "faulted": faulted["wall_s"]},
+        "seconds_lost_total": faulted["wall_s"] - clean["wall_s"],
         "accuracy_after": {"clean": clean["accuracy_after"], "faulted": faulted["accuracy_after"]},
         "accuracy_before": clean["accuracy_before"],
         "accuracy_gap_points": 100 * (clean["accuracy_after"] - faulted["accuracy_after"]),
         "targets": {"all_steps": faulted["steps"] == STEPS,
-                    "accuracy_within_5_points": abs(clean["accuracy_after"] - faulted["accuracy_after"]) <= 0.05,
+                    "accuracy_within_5_points": round(abs(clean["accuracy_after"] - faulted["accuracy_after"]), 6) <= 0.05,
                     "under_60_s_lost_per_fault": all(v < 60 for v in lost.values())},
         "step_spans": {"clean": clean["step_spans"], "faulted": faulted["step_spans"]},
     }
