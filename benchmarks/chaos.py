@@ -41,6 +41,10 @@ def cpu_has_bf16() -> bool:
 
 if not cpu_has_bf16():
     OVERRIDES += ["model.dtype=float32", "trainer.bf16=false"]
+# Extra overrides for both runs, e.g. RAYLIGN_CHAOS_EXTRA="fault.max_lost_steps=1"; results then go to
+# chaos_<overrides>.json
+EXTRA = os.environ.get("RAYLIGN_CHAOS_EXTRA", "").split()
+OVERRIDES += EXTRA
 
 
 def fault_plan(seed: int) -> dict[str, int]:
@@ -131,7 +135,8 @@ def main() -> None:
         "step_spans": {"clean": clean["step_spans"], "faulted": faulted["step_spans"]},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "chaos.json").write_text(json.dumps(result, indent=2))
+    name = "chaos" + "".join(f"_{o.replace('fault.', '').replace('=', '_')}" for o in EXTRA)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("steps_completed", "restarts", "seconds_lost_per_fault",
                                              "accuracy_after", "targets")}, indent=2))
 

@@ -139,19 +139,21 @@ class TrainingRun:
     def run(self, ckpt: Path | None, state: dict) -> dict:
         step = state.get("step", 0)
         self.bar = tqdm(total=self.cfg.train.steps, desc="train", unit="step", initial=step)
-        started = False
+        started, failure = False, None
         while True:
             try:
-                if not started:
+                if failure is not None:  # inside the try: a fault while recovering is one more restart
+                    step, failure = self.recover(failure, step), None
+                elif not started:
                     step = self.restore(ckpt, state) if ckpt else self.begin()
-                    started = True
+                started = True
                 while step < self.cfg.train.steps:
                     self.step(step)
                     step += 1
                     self.maybe_checkpoint(step)
                 return self.finish()
             except TrainerGroupError as e:
-                step, started = self.recover(e, step), True
+                failure, started = e, True
             except RestartLimitError as e:
                 ckpt = latest_checkpoint(self.checkpoints)
                 raise RunFailed(f"{e} (at step {step + 1}); last complete checkpoint: {ckpt or 'none'}") from e
