@@ -132,7 +132,7 @@ class TrainingRun:
         self.algo_state: dict = {}
         self.evals: dict = {}
         self.timing: dict[str, float] = {}
-        self.faults: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter({"fault/trainer_restarts": 0, "fault/replayed_steps": 0})
         self.rollouts = out_dir / "rollouts.jsonl"
         self.checkpoints = out_dir / "checkpoints"
 
