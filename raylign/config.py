@@ -169,7 +169,7 @@ class TrainConfig(_Section):
 class FaultConfig(_Section):
     max_generator_restarts: int = Field(8, ge=0, description="generator replicas replaced (dead or past generator.timeout_s) before the run stops")
     max_trainer_restarts: int = Field(2, ge=0, description="times the trainer workers are restarted from the last complete checkpoint before the run stops")
-    max_lost_steps: int = Field(2, ge=1, description="with trainer restarts on: checkpoint at least every this many steps, so a restart replays at most this many")
+    max_lost_steps: int = Field(1, ge=1, description="with trainer restarts on: checkpoint at least every this many steps (1, the default: after every step, so a restart replays no finished step)")
     max_actor_restarts: int = Field(8, ge=0, description="reward, reference and retriever actors replaced (each role counted apart) before the run stops")
     trainer_timeout_s: float = Field(1800.0, gt=0, description="deadline of one trainer command (train step, log-probs, checkpoint); past it the workers count as dead")
     call_timeout_s: float = Field(300.0, gt=0, description="deadline of one call to a reference or retriever actor, or of a generator control call (load weights, reseed); past it the actor is replaced and the call retried")

@@ -59,8 +59,8 @@ def test_eval_limit_zero_only_with_evals_off():
 
 
 def test_checkpoints_often_enough_for_the_allowed_loss():
-    assert checkpoint_every(load_config(None, [], environ={})) == 2  # fault.max_lost_steps by default
-    assert checkpoint_every(load_config(None, ["train.checkpoint_every=2"], environ={})) == 2
+    assert checkpoint_every(load_config(None, [], environ={})) == 1  # fault.max_lost_steps by default
+    assert checkpoint_every(load_config(None, ["train.checkpoint_every=2", "fault.max_lost_steps=4"], environ={})) == 2
     assert checkpoint_every(load_config(None, ["train.checkpoint_every=10", "fault.max_lost_steps=3"], environ={})) == 3
     assert checkpoint_every(load_config(None, ["fault.max_trainer_restarts=0"], environ={})) == 0
 
