@@ -48,6 +48,9 @@ class ToolEpisodes:
             on_done(len(prompts_ids))
         return groups
 
+    def fault_counters(self) -> dict[str, int]:
+        return self.retrievers.fault_counters()  # the generators report their own
+
     def shutdown(self) -> None:
         self.retrievers.shutdown()
 
@@ -66,6 +69,9 @@ class CombinedRewards:
 
     def fault_counters(self) -> dict[str, int]:
         return self.pool.fault_counters()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
 
 
 def rollout_stack(cfg: Config, generators: GeneratorPool, rewards: RewardPool, tokenizer):

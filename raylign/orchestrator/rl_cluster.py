@@ -64,7 +64,8 @@ class RayCluster:
 
     def fault_counters(self) -> dict[str, float]:
         """Actors replaced so far, per role (``fault/<role>_restarts``)."""
-        pools = [self.generators, self.rewards, self.reference, getattr(self.rollouts, "retrievers", None)]
+        tools = self.rollouts if self.rollouts is not self.generators else None  # rag: the retriever pool
+        pools = [self.generators, self.rewards, self.reference, tools]
         return {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
@@ -151,7 +152,7 @@ class RayCluster:
         if self.rollouts is not self.generators:
             self.rollouts.shutdown()
         self.generators.shutdown()
-        getattr(self.rewards, "pool", self.rewards).shutdown()
+        self.rewards.shutdown()
         if self.reference is not None:
             self.reference.shutdown()
         self.weights_path.unlink(missing_ok=True)
