@@ -69,7 +69,7 @@ def part_trl() -> dict:
 
     from raylign.config import load_config
     from raylign.envs import make_env
-    from raylign.envs.base import Problem
+    from raylign.types import Problem
     from raylign.models import resolve_model
 
     cfg = load_config(Path(__file__).parents[1] / "configs/grpo_arith.yaml", COMMON)

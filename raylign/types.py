@@ -1,12 +1,66 @@
-"""Small picklable records that cross actor boundaries.
+"""Small picklable records shared by envs, algorithms, actors and the orchestrator (the lowest layer).
 
-A ``Completion`` keeps the exact token ids the generator produced, so nothing is re-tokenized between
-generation, scoring and training; ``policy_version`` says which weights produced it.
+A ``Problem`` is what an env poses and a ``Score`` what its reward returns; an ``Example`` (SFT) and a
+``Pair`` (preference training) are what the offline algorithms read. A ``Completion`` keeps the exact token
+ids the generator produced, so nothing is re-tokenized between generation, scoring and training;
+``policy_version`` says which weights produced it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: chat messages to pose and the ground truth to score against."""
+
+    id: str
+    messages: list[dict[str, str]]
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Score:
+    """A reward with what was read from the completion."""
+
+    reward: float
+    correct: bool
+    prediction: str | None
+    format_ok: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised example: the chat messages before the response, and the response to train on.
+
+    ``source`` names where it came from (``file:row``), for error messages.
+    """
+
+    id: str
+    prompt: list[dict[str, str]]
+    response: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair: a prompt (chat messages), a preferred and a dispreferred response.
+
+    ``scores_chosen`` / ``scores_rejected`` (stepwise DPO) hold one score in [0, 1] per step of the response
+    (steps are its non-empty lines) or per response token; None when the pair carries no step scores.
+    """
+
+    id: str
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    scores_chosen: tuple[float, ...] | None = None
+    scores_rejected: tuple[float, ...] | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)

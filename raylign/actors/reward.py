@@ -18,7 +18,7 @@ import ray
 
 from raylign.config import DatasetConfig, EnvConfig, RagConfig
 from raylign.envs import make_env
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 
 RewardFn = Callable[[Problem, str], Score]
 

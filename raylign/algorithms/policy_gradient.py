@@ -21,7 +21,7 @@ import torch
 from raylign.algorithms.advantages import ema_baseline_advantages, group_advantages, rloo_advantages
 from raylign.algorithms.losses import kl_penalized_rewards
 from raylign.algorithms.protocol import Cluster, completions_batch
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion
 
 

@@ -23,7 +23,7 @@ from raylign.algorithms.advantages import gae
 from raylign.algorithms.numerics import kl_estimate, masked_mean, masked_whiten
 from raylign.algorithms.policy_gradient import StepOutput, rollout_metrics
 from raylign.algorithms.protocol import Cluster, completions_batch
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion
 
 

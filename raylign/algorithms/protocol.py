@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
 

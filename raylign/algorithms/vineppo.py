@@ -32,7 +32,7 @@ from raylign.algorithms.policy_gradient import StepOutput, rollout_metrics
 from raylign.algorithms.ppo import pad_B_T, penalize_truncated, rows
 from raylign.algorithms.protocol import Cluster, completions_batch
 from raylign.algorithms.step_split import split_steps
-from raylign.envs.base import Problem
+from raylign.types import Problem
 from raylign.types import TrainBatch
 
 

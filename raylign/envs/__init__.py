@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from raylign.config import DatasetConfig, EnvConfig, RagConfig
 from raylign.envs.arith import ArithEnv
-from raylign.envs.base import Env, Problem, Score
+from raylign.envs.base import Env
+from raylign.types import Problem, Score
 from raylign.envs.data import DataError
 from raylign.envs.gsm8k import Gsm8kEnv
 from raylign.envs.math_competition import MathEnv

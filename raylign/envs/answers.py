@@ -231,7 +231,7 @@ def score_reply(completion: str, truth: str, extract, equal, source: str, lenien
     ``extract`` reads the answer in the env's required format (Final line, \\boxed{}); ``lenient`` falls
     back to the last number, which can earn 1.0 but never the format credit.
     """
-    from raylign.envs.base import Score
+    from raylign.types import Score
 
     prediction = extract(completion)
     info = {"length": len(completion or ""), "source": source if prediction is not None else None}

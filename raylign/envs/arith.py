@@ -30,7 +30,7 @@ from raylign.envs.answers import (
     normalize_number,
     numbers_equal,
 )
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves arithmetic problems."

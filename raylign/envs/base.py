@@ -7,29 +7,9 @@ observation to append to the trajectory or ``None`` when the episode is over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One task instance: chat messages to pose and the ground truth to score against."""
-
-    id: str
-    messages: list[dict[str, str]]
-    answer: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Score:
-    """A reward with what was read from the completion."""
-
-    reward: float
-    correct: bool
-    prediction: str | None
-    format_ok: bool
-    info: dict[str, Any] = field(default_factory=dict)
+from raylign.types import Problem, Score
 
 
 class Env(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from raylign.config import DatasetConfig, EnvConfig
 from raylign.envs.answers import extract_boxed, math_equal, score_reply
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
 
 DEFAULT_SYSTEM_PROMPT = (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from raylign.config import Config
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.rag.episode import run_episodes
 from raylign.envs.rag.rewards import combine_batch
 from raylign.orchestrator.generator_pool import GeneratorPool

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from raylign.chat import encode_chat
 from raylign.config import Config
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.episodes import CombinedRewards, ToolEpisodes, rollout_stack

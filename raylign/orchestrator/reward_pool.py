@@ -11,7 +11,7 @@ import ray
 
 from raylign.actors.reward import RewardActor, RewardFn, failed_score
 from raylign.config import DatasetConfig, EnvConfig, FaultConfig, RagConfig, RewardConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
 
 

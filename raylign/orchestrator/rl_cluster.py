@@ -12,7 +12,7 @@ from pathlib import Path
 
 from raylign.chat import encode_chat
 from raylign.config import Config
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.metrics import PhaseTimer

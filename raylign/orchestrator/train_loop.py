@@ -26,7 +26,7 @@ from raylign.algorithms.policy_gradient import StepOutput, policy_gradient_step
 from raylign.algorithms.ppo import ppo_step
 from raylign.algorithms.vineppo import vineppo_step
 from raylign.config import Config
-from raylign.envs.base import Problem
+from raylign.types import Problem
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
                                              verify_checkpoint)

@@ -18,7 +18,7 @@ def tiny_config(tiny_model, tmp_path, *extra):
 
 def vowel_reward(problem, completion):
     """Random text from the tiny model varies in its share of vowels: a reward with signal, unlike arith's."""
-    from raylign.envs.base import Score
+    from raylign.types import Score
 
     share = sum(ch in "aeiou" for ch in completion) / max(1, len(completion))
     return Score(reward=share, correct=share > 0.3, prediction=None, format_ok=True)

@@ -22,7 +22,7 @@ from raylign.config import (
     RewardConfig,
     TrainerConfig,
 )
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.models import load_hf_model
 from raylign.orchestrator.generator_pool import GeneratorPool, GeneratorPoolError
 from raylign.orchestrator.reference_pool import ReferenceClient, ReferenceClientError

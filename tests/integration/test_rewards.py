@@ -6,7 +6,7 @@ import time
 
 from raylign.config import DatasetConfig, EnvConfig, RewardConfig
 from raylign.envs import make_env
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.orchestrator.reward_pool import RewardPool
 
 

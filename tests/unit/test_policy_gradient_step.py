@@ -4,7 +4,7 @@ import pytest
 
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.config import AlgorithmConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1]]  # prompt 0: two right; prompt 1: no signal

@@ -5,7 +5,7 @@ import torch
 
 from raylign.algorithms.ppo import ppo_step
 from raylign.config import AlgorithmConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
 # one prompt, two samples: a 3-token answer with reward 1, a 2-token one cut by the length limit (reward 0.3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raylign.config import RagConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.rag.env import RagEnv
 from raylign.envs.rag.rewards import (
     COMBINERS,

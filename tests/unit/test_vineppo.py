@@ -5,7 +5,7 @@ import torch
 
 from raylign.algorithms.vineppo import mc_states, step_advantages, step_values, vineppo_step
 from raylign.config import AlgorithmConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
 PIECES = {20: "Add 2.", 21: "\n", 22: "Then 3.", 23: " So", 24: " 5", 25: "#1", 26: "#0", 27: "Guess"}

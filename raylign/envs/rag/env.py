@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Protocol
 
 from raylign.config import RagConfig
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.rag.rewards import COMPONENTS, Embed, minilm_embed, score_trajectory
 
 SYSTEM_PROMPT = (

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raylign.envs.base import Problem, Score
+from raylign.types import Problem, Score
 from raylign.envs.rag.tools import ANSWER, SEARCH, block_doc_ids, marker_id, parse_action, split_turns
 
 Embed = Callable[[list[str]], Any]  # texts -> array [len(texts), D]
