@@ -7,6 +7,8 @@ reply, a 5000-digit number or a power tower must neither hang a reward actor nor
 Numbers are compared exactly as canonical decimal strings (no float rounding, no int() size limit):
 "3.50" == "3.5" == "3.500", "1,234" == "1234". Commas count only as thousands separators, so the
 MATH-style list "1,2" is not the number 12. Unicode decimal digits ("４２", "٤٢") read as ASCII.
+``math_equal`` first drops LaTeX spacing (``\\!``, ``\\,``, ``\\;``, ``\\:``, ``\\ ``, ``~``, ``{,}`` -> ","): MATH
+writes 10080 as ``10,\\!080``, whose ``\\!`` is a negative thin space, not a factorial ("5!" keeps its "!").
 
 ``math_equal`` uses math-verify with its signal-based timeouts disabled: SIGALRM only works in the
 main thread, and rewards run in worker threads of Ray actors. Inputs that make sympy explode
@@ -137,9 +139,18 @@ def extract_boxed(text: str | None) -> str | None:
     return None
 
 
+# LaTeX spacing: \! \, \; \: and "\ " (not after another backslash: "\\" is a line break), and "~".
+_SPACING = re.compile(r"(?<!\\)\\[!,;: ]|~")
+
+
+def _unspace(s: str) -> str:
+    """LaTeX spacing removed, so "10,\\!080" reads 10080 and its "\\!" is not taken for a factorial."""
+    return _SPACING.sub("", s).replace("{,}", ",").replace("\\$", "$")
+
+
 def _plain(s: str) -> str:
-    """Cosmetic LaTeX removed, for exact string comparison."""
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
+    """Cosmetic LaTeX removed, for exact string comparison (spacing is already gone: ``_unspace``)."""
+    for old, new in (("\\left", ""), ("\\right", ""),
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("$", ""), (" ", "")):
         s = s.replace(old, new)
     return s.rstrip(".")
@@ -201,12 +212,13 @@ def _sympy_equal(pred: str, truth: str) -> bool | None:
 def math_equal(pred: str | None, truth: str | None) -> bool:
     """Whether a predicted answer equals the ground truth mathematically; never raises.
 
-    Order: identical after cosmetic clean-up -> both plain numbers (exact) -> math-verify ->
-    sympy simplify(a - b) == 0 on a small LaTeX subset -> cleaned string equality.
+    Order, after LaTeX spacing is dropped: identical after cosmetic clean-up -> both plain numbers (exact)
+    -> math-verify -> sympy simplify(a - b) == 0 on a small LaTeX subset -> cleaned string equality.
     """
     if not pred or not truth:
         return False
     try:
+        pred, truth = _unspace(pred), _unspace(truth)
         if _plain(pred) == _plain(truth):
             return True
         if normalize_number(pred) is not None and normalize_number(truth) is not None:

@@ -170,3 +170,33 @@ def test_gsm8k_reward(completion, lenient, reward, correct, fmt, prediction):
 def test_math_reward(completion, lenient, reward, fmt):
     score = score_boxed(completion, r"\frac{1}{2}", lenient=lenient)
     assert (score.reward, score.format_ok) == (reward, fmt)
+
+
+@pytest.mark.parametrize("pred, truth", [
+    ("10080", r"10,\!080"),        # MATH's negative thin space after the thousands comma
+    (r"10,\!080", "10080"),
+    ("10080", "10{,}080"),
+    ("10080", r"\$10,\!080"),
+    ("10080", r"10\,080"), ("10080", r"10\;080"), ("10080", r"10\:080"), ("10080", r"10\ 080"),
+    ("10080", "10~080"),
+    (r"\$1,\!234.50", "1234.5"),
+])
+def test_math_equal_ignores_latex_spacing(pred, truth):
+    assert math_equal(pred, truth) is True
+
+
+@pytest.mark.parametrize("pred, truth, expected", [
+    ("5!", "120", False),           # factorials are compared as strings, never evaluated (as before)
+    ("120", "5!", False),
+    ("5!", "5!", True),
+    ("n!", "n !", True),
+    (r"10,\!081", "10080", False),  # spacing gone, the numbers still have to agree
+    (r"1,\!2", "12", False),        # still a MATH list, not twelve
+])
+def test_math_equal_factorial_unchanged_by_spacing_clean_up(pred, truth, expected):
+    assert math_equal(pred, truth) is expected
+
+
+def test_math_reward_thin_space_answer_is_correct():
+    score = score_boxed(r"so the answer is $\boxed{10,\!080}$.", "10080")
+    assert (score.reward, score.correct) == (1.0, True)
