@@ -10,7 +10,10 @@
   by the constant factor decay, which the learning rate absorbs.
 - GAE (Schulman et al. 2016, eq. 16): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1},
   returns R_t = A_t + V_t. Completions end at their last valid token (mask zeros are trailing padding), so
-  V after it is 0: the episode terminates there.
+  V after it is 0: the episode terminates there. With an action mask (multi-turn tool use: tool-output tokens
+  spliced between the policy's own), only action tokens are time steps: t+1 is the next action token, so
+  gamma and lam apply once per action, not once per tool token. Non-action tokens get A = R = 0, and a reward
+  on one counts for the action before it (the tool output answers that action).
 All estimators are targets, not differentiated: they run under no_grad.
 """
 
@@ -55,12 +58,18 @@ def ema_baseline_advantages(rewards_B: torch.Tensor, baseline: float,
 
 @torch.no_grad()
 def gae(rewards_B_T: torch.Tensor, values_B_T: torch.Tensor, mask_B_T: torch.Tensor,
-        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        gamma: float, lam: float, action_mask_B_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation per token. Returns (advantages_B_T, returns_B_T), 0 on padding.
 
     rewards_B_T holds each token's reward (typically 0 everywhere except the last valid token, plus any
-    per-token KL penalty); values_B_T is V(s_t) before token t is emitted.
+    per-token KL penalty); values_B_T is V(s_t) before token t is emitted. action_mask_B_T (1 = the policy's
+    own token, 0 = tool output) makes only action tokens time steps, and gives advantage 0 and return 0 on the
+    others (their value loss is masked out anyway); the caller puts the terminal reward on the last action
+    token. None (or all ones) is the plain per-token recursion, bit for bit.
     """
+    if action_mask_B_T is not None:
+        return _gae_over_actions(rewards_B_T, values_B_T, mask_B_T * action_mask_B_T, gamma, lam,
+                                 mask_B_T.to(values_B_T.dtype))
     m_B_T = mask_B_T.to(values_B_T.dtype)
     T = rewards_B_T.shape[-1]
     adv_B_T = torch.zeros_like(values_B_T)
@@ -75,3 +84,27 @@ def gae(rewards_B_T: torch.Tensor, values_B_T: torch.Tensor, mask_B_T: torch.Ten
         next_value_B = values_B_T[:, t]
     adv_B_T = adv_B_T * m_B_T
     return adv_B_T, (adv_B_T + values_B_T) * m_B_T
+
+
+def _gae_over_actions(rewards_B_T: torch.Tensor, values_B_T: torch.Tensor, step_B_T: torch.Tensor,
+                      gamma: float, lam: float, valid_B_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE whose time steps are the tokens with step_B_T = 1; the state carries over the others unchanged."""
+    s_B_T = step_B_T.to(values_B_T.dtype)
+    adv_B_T = torch.zeros_like(values_B_T)
+    next_adv_B = torch.zeros_like(values_B_T[:, 0])
+    next_value_B = torch.zeros_like(values_B_T[:, 0])
+    has_next_B = torch.zeros_like(values_B_T[:, 0])  # 0 until an action step is seen: terminal
+    pending_B = torch.zeros_like(values_B_T[:, 0])  # rewards on valid non-action tokens after this step
+    for t in reversed(range(rewards_B_T.shape[-1])):
+        s_B = s_B_T[:, t]
+        reward_B = rewards_B_T[:, t] + pending_B
+        delta_B = reward_B + gamma * next_value_B * has_next_B - values_B_T[:, t]
+        a_B = delta_B + gamma * lam * has_next_B * next_adv_B
+        adv_B_T[:, t] = a_B * s_B
+        is_step_B = s_B > 0
+        next_adv_B = torch.where(is_step_B, a_B, next_adv_B)
+        next_value_B = torch.where(is_step_B, values_B_T[:, t], next_value_B)
+        has_next_B = torch.maximum(has_next_B, s_B)
+        pending_B = torch.where(is_step_B, torch.zeros_like(pending_B),
+                                pending_B + rewards_B_T[:, t] * valid_B_T[:, t])
+    return adv_B_T, (adv_B_T + values_B_T) * s_B_T
