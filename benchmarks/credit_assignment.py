@@ -34,7 +34,7 @@ EVAL_N = int(os.environ.get("RAYLIGN_BENCH_EVAL_N", "60"))
 PRESETS = {"ppo": "ppo_arith.yaml", "vineppo": "vineppo_arith.yaml", "grpo": "grpo_arith.yaml"}
 COMMON = ["env.difficulty=1", "env.num_problems=400", "algorithm.prompts_per_step=8", "algorithm.group_size=4",
           "generator.max_new_tokens=40", "algorithm.mc_max_new_tokens=40", "algorithm.temperature=1.0",
-          "trainer.lr=2e-5", "trainer.warmup_steps=1", "trainer.num_workers=1", "trainer.ref_model=none",
+          "trainer.lr=2e-5", "trainer.warmup_steps=1", "trainer.num_workers=1",
           "algorithm.kl_beta=0.0", "tracking.enabled=false", "seed=0", "train.steps=1000"]
 
 

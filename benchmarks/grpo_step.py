@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = int(os.environ.get("RAYLIGN_BENCH_STEPS", "5"))
 COMMON = ["env.difficulty=1", "env.num_problems=200", "algorithm.prompts_per_step=8", "algorithm.group_size=4",
           "generator.max_new_tokens=128", "algorithm.temperature=1.0", "trainer.lr=1e-5", "trainer.warmup_steps=0",
-          "trainer.ref_model=none", "tracking.enabled=false"]
+          "tracking.enabled=false"]
 # Layout of the raylign side, e.g. "trainer.num_workers=2" to compare against the default below.
 EXTRA = os.environ.get("RAYLIGN_BENCH_OVERRIDES", "").split()
 

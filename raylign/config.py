@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -122,37 +122,138 @@ class TrainerConfig(_Section):
     packed_row_tokens: int = Field(1024, ge=0, description="pack the samples of one prompt into rows of at most this many tokens, computing the prompt once per row (0: one sequence per row)")
     bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    ref_model: Literal["none", "trainer", "actor"] = Field("trainer", description="frozen reference model for KL: none, a bf16 copy in each trainer worker, or one in its own Ray actor")
+    ref_model: Literal["trainer", "actor"] = Field("trainer", description="where the frozen reference model lives when the algorithm needs one (DPO; KL with kl_beta > 0): a bf16 copy in each trainer worker, or one in its own Ray actor")
     weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
 
 
-class AlgorithmConfig(_Section):
-    name: Literal["grpo", "rloo", "reinforce", "ppo", "vineppo"] = Field("grpo", description="RL algorithm (see raylign/algorithms)")
-    group_size: int = Field(4, ge=1, description="samples per prompt (G); GRPO and RLOO need >= 2")
+class _Sampling(_Section):
+    """Fields of every algorithm that samples from the current policy during training."""
+
+    group_size: int = Field(4, ge=1, description="samples per prompt (G)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per training step (P); batch = P x G sequences")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of training rollouts (evals use generator.temperature)")
-    normalize_std: bool = Field(True, description="GRPO: divide group advantages by the group std (False = Dr.GRPO)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of training rollouts; the trainer's log-probs use it too (evals use generator.temperature)")
+
+    @property
+    def items_per_step(self) -> int:
+        return self.prompts_per_step
+
+
+class _PolicyGradient(_Sampling):
+    """Fields of the clipped-surrogate family (GRPO, RLOO, REINFORCE, PPO, VinePPO)."""
+
     clip_eps: float = Field(0.2, gt=0, description="PPO-style ratio clip (lower side, and upper unless clip_eps_high)")
     clip_eps_high: float | None = Field(None, gt=0, description="upper ratio clip (DAPO clip-higher); None = clip_eps")
-    loss_agg: Literal["token", "sequence", "fixed"] = Field("token", description="loss aggregation: token mean, per-sequence mean, or Dr.GRPO fixed length")
-    kl_beta: float = Field(0.0, ge=0, description="KL(policy || reference) coefficient; 0 disables the reference")
+    loss_agg: Literal["token", "sequence", "fixed"] = Field("token", description="loss aggregation: token mean, per-sequence mean, or Dr.GRPO fixed length (generator.max_new_tokens)")
+    kl_beta: float = Field(0.0, ge=0, description="KL(policy || reference) coefficient; 0: no reference model is built")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1/k2/k3)")
-    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
-    ema_decay: float = Field(0.9, ge=0, lt=1, description="REINFORCE: baseline = decay*baseline + (1-decay)*reward")
     epochs: int = Field(1, ge=1, description="passes over each batch (more than 1 makes the ratio clip matter)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
-    gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount (1.0 for language, as VinePPO; AutoDSPy uses 0.99)")
-    lam: float = Field(1.0, ge=0, le=1, description="PPO: GAE lambda (VinePPO uses 1.0; AutoDSPy 0.95)")
-    vf_coef: float = Field(0.5, ge=0, description="PPO: weight of the value loss")
-    vf_clip: float = Field(0.2, gt=0, description="PPO: value clip range around the old values")
-    entropy_coef: float = Field(0.0, ge=0, description="PPO/VinePPO: entropy bonus coefficient")
-    whiten_advantages: bool = Field(True, description="PPO/VinePPO: normalise advantages over the batch")
-    critic: Literal["value_head", "separate"] = Field("value_head", description="PPO: value head on the policy backbone, or a separate critic model")
-    mc_rollouts: int = Field(4, ge=1, description="VinePPO: Monte Carlo continuations per step boundary (K)")
-    mc_max_new_tokens: int | None = Field(None, ge=1, description="VinePPO: continuation length cap (None: generator.max_new_tokens)")
-    step_split: Literal["newline", "sentence", "auto"] = Field("auto", description="VinePPO: step boundaries (auto: newlines and sentence ends, numbers kept whole)")
-    max_steps_per_response: int = Field(8, ge=1, description="VinePPO: at most this many steps per response (adjacent steps merged)")
-    truncation_penalty: float | None = Field(0.0, description="PPO/VinePPO: reward of a response or continuation cut by the length limit (null: keep its score)")
+
+
+class GrpoConfig(_PolicyGradient):
+    name: Literal["grpo"] = "grpo"
+    normalize_std: bool = Field(True, description="divide group advantages by the group std (False = Dr.GRPO)")
+    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+
+
+class RlooConfig(_PolicyGradient):
+    name: Literal["rloo"] = "rloo"
+    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+
+
+class ReinforceConfig(_PolicyGradient):
+    name: Literal["reinforce"] = "reinforce"
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="baseline = decay*baseline + (1-decay)*reward")
+    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+
+
+class PpoConfig(_PolicyGradient):
+    name: Literal["ppo"] = "ppo"
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (1.0 for language, as VinePPO; AutoDSPy uses 0.99)")
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda (VinePPO uses 1.0; AutoDSPy 0.95)")
+    vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
+    vf_clip: float = Field(0.2, gt=0, description="value clip range around the old values")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch")
+    critic: Literal["value_head", "separate"] = Field("value_head", description="value head on the policy backbone, or a separate critic model")
+    truncation_penalty: float | None = Field(0.0, description="reward of a response cut by the length limit (null: keep its score)")
+
+
+class VinePpoConfig(_PolicyGradient):
+    name: Literal["vineppo"] = "vineppo"
+    mc_rollouts: int = Field(4, ge=1, description="Monte Carlo continuations per step boundary (K)")
+    mc_max_new_tokens: int | None = Field(None, ge=1, description="continuation length cap (None: generator.max_new_tokens)")
+    step_split: Literal["newline", "sentence", "auto"] = Field("auto", description="step boundaries (auto: newlines and sentence ends, numbers kept whole)")
+    max_steps_per_response: int = Field(8, ge=1, description="at most this many steps per response (adjacent steps merged)")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch")
+    truncation_penalty: float | None = Field(0.0, description="reward of a response or continuation cut by the length limit (null: keep its score)")
+
+
+class _Offline(_Section):
+    """Fields of the algorithms that train on a dataset (SFT examples or preference pairs)."""
+
+    data_path: str | None = Field(None, description="jsonl/json/parquet file or hub id ('{split}' is filled in); None: generated from the arith env")
+    data_split: str = Field("train", description="split of data_path to train on")
+    data_limit: int | None = Field(None, ge=1, description="read at most this many rows")
+    batch_size: int = Field(8, ge=1, description="examples (SFT) or pairs (DPO) per optimizer step")
+    skip_invalid: bool = Field(False, description="drop rows that fail validation (counted) instead of refusing the data")
+
+    @property
+    def items_per_step(self) -> int:
+        return self.batch_size
+
+
+class SftConfig(_Offline):
+    name: Literal["sft"] = "sft"
+
+
+class _DpoLoss(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the implicit KL to the reference")
+    loss_type: Literal["sigmoid", "ipo", "dpop"] = Field("sigmoid", description="sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023) or dpop (DPO-positive, Pal et al. 2024)")
+    dpop_lambda: float = Field(50.0, ge=0, description="dpop: weight of the penalty on a chosen response whose likelihood falls below the reference's")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid: conservative-DPO label noise")
+
+
+class DpoConfig(_Offline, _DpoLoss):
+    name: Literal["dpo"] = "dpo"
+
+
+class OnlineDpoConfig(_Sampling, _DpoLoss):
+    name: Literal["online_dpo"] = "online_dpo"
+    loss_type: Literal["sigmoid", "ipo", "dpop"] = Field("dpop", description="as dpo.loss_type; DPO-positive by default (the VinePPO seed's online baseline)")
+    pairs_per_prompt: int = Field(1, ge=1, description="at most this many (correct, incorrect) pairs formed from one prompt's samples")
+
+
+class StepDpoConfig(_Offline):
+    name: Literal["step_dpo"] = "step_dpo"
+    beta: float = Field(0.1, gt=0, description="DPO temperature")
+    step_scores: Literal["data", "mc", "judge"] = Field("data", description="where step scores come from: the pairs' scores_chosen/scores_rejected, Monte Carlo continuations, or an LLM judge")
+    step_delimiter: str = Field("\n", description="steps of a response are its non-empty pieces between these")
+    mc_rollouts: int = Field(4, ge=1, description="mc: continuations per step prefix (K)")
+    mc_temperature: float = Field(1.0, gt=0, description="mc: sampling temperature of the continuations")
+    judge_model: str | None = Field(None, description="judge: model of the judge's generator actor (None: model.name)")
+    judge_template: str | None = Field(None, description="judge: prompt template with {question}, {previous_steps}, {step} (None: raylign.envs.judge.STEP_TEMPLATE)")
+    judge_max_new_tokens: int = Field(32, ge=1, description="judge: tokens of the judge's answer")
+
+
+class RestEmConfig(_Sampling):
+    name: Literal["restem"] = "restem"
+    group_size: int = Field(4, ge=1, description="samples per prompt (K) each iteration")
+    sft_epochs: int = Field(1, ge=1, description="passes over the kept samples each iteration")
+    batch_size: int = Field(8, ge=1, description="kept samples per optimizer step")
+    max_per_prompt: int | None = Field(None, ge=1, description="keep at most this many correct samples of one prompt (None: all)")
+    restart_from_base: bool = Field(True, description="fine-tune from the base model each iteration (Singh et al. 2023); false continues from the last one")
+
+
+AlgorithmConfig = Annotated[
+    GrpoConfig | RlooConfig | ReinforceConfig | PpoConfig | VinePpoConfig | SftConfig | DpoConfig
+    | OnlineDpoConfig | StepDpoConfig | RestEmConfig,
+    Field(discriminator="name"),
+]
+ALGORITHM_CONFIGS: dict[str, type[_Section]] = {
+    c.model_fields["name"].default: c for c in (GrpoConfig, RlooConfig, ReinforceConfig, PpoConfig, VinePpoConfig,
+                                                SftConfig, DpoConfig, OnlineDpoConfig, StepDpoConfig, RestEmConfig)}
 
 
 class TrainConfig(_Section):
@@ -198,24 +299,30 @@ class Config(_Section):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="RL algorithm and its knobs")
+    algorithm: AlgorithmConfig = Field(default_factory=GrpoConfig, description="training algorithm, chosen by algorithm.name; each has its own fields")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop, evals and checkpoints")
     fault: FaultConfig = Field(default_factory=FaultConfig, description="recovery from dead or wedged actors and trainer workers")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithm(cls, data: Any) -> Any:
+        # an algorithm section without a name is the default algorithm's (the union needs its tag)
+        if isinstance(data, dict) and isinstance(data.get("algorithm"), dict) and "name" not in data["algorithm"]:
+            data = {**data, "algorithm": {"name": "grpo", **data["algorithm"]}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.generator.n > 1 and self.generator.temperature == 0:
             raise ValueError("generator.n > 1 needs generator.temperature > 0 (greedy samples are identical)")
-        if self.algorithm.name in ("grpo", "rloo") and self.algorithm.group_size < 2:
+        if self.algorithm.name in ("grpo", "rloo", "online_dpo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
         evals = [f"train.{k}" for k in ("eval_before", "eval_after") if getattr(self.train, k)]
         if self.train.eval_limit == 0 and evals:
             raise ValueError(f"train.eval_limit=0 leaves nothing to evaluate but {' and '.join(evals)} "
                              f"{'are' if len(evals) > 1 else 'is'} on: raise the limit or turn the evals off")
-        if self.algorithm.kl_beta > 0 and self.trainer.ref_model == "none":
-            raise ValueError("algorithm.kl_beta > 0 needs a reference model: set trainer.ref_model=trainer or actor")
         return self
 
     def resolved_output_dir(self) -> Path:
@@ -288,11 +395,28 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _error_loc(error: dict) -> tuple:
+    """The dotted path of a validation error, without the tag pydantic inserts after a discriminated union
+    (``algorithm.grpo.group_size`` -> ``algorithm.group_size``)."""
+    loc = tuple(error["loc"])
+    if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in ALGORITHM_CONFIGS:
+        loc = loc[:1] + loc[2:]
+    return loc
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = _error_loc(first)
+    where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
+        if loc[:1] == ("algorithm",) and len(first["loc"]) > 1:
+            owners = sorted(n for n, c in ALGORITHM_CONFIGS.items() if loc[-1] in c.model_fields)
+            hint = f" (a field of {', '.join(owners)})" if owners else ""
+            return f"{source}: unknown key '{where}' for algorithm.name={first['loc'][1]}{hint}"
         return f"{source}: unknown key '{where}'"
+    if first["type"] == "union_tag_invalid":
+        return f"{source}: field 'algorithm.name': unknown algorithm {first['input'].get('name')!r}; " \
+               f"expected one of {', '.join(ALGORITHM_CONFIGS)}"
     if not first["loc"] and first["type"] == "value_error":  # a cross-field check: its message names the fields
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
@@ -329,7 +453,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as e:
         # Name the layer that set the offending key, else the preset file.
-        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        loc = ".".join(str(p) for p in _error_loc(e.errors()[0]))
         culprit = next((w for k, _, w in reversed(layered) if loc.startswith(k) or k.startswith(loc)), source)
         raise ConfigError(_format_error(e, culprit)) from None
 
@@ -339,6 +463,17 @@ def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str
     out: dict[str, str] = {}
     for name, field in model.model_fields.items():
         ann = field.annotation
+        if model is Config and name == "algorithm":  # one section per algorithm: list each field once
+            owners: dict[str, list[str]] = {}
+            for algo, section in ALGORITHM_CONFIGS.items():
+                for key, f in section.model_fields.items():
+                    owners.setdefault(key, []).append(algo)
+                    out.setdefault(f"algorithm.{key}", f.description or "")
+            out["algorithm.name"] = f"one of {', '.join(ALGORITHM_CONFIGS)}"
+            for key, algos in owners.items():
+                if key != "name" and len(algos) < len(ALGORITHM_CONFIGS):
+                    out[f"algorithm.{key}"] += f" [{', '.join(algos)}]"
+            continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.update(config_fields(ann, f"{prefix}{name}."))
         else:

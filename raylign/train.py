@@ -33,12 +33,6 @@ def train(config: Config | str, overrides: list[str] | None = None, resume: bool
     return run(plan, reward_fn=reward_fn, on_phase=on_phase)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from raylign.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 class _CallableModule(types.ModuleType):
     """Lets `raylign.train(...)` work whether `raylign.train` resolves to this module or the function."""
 
@@ -48,5 +42,7 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m raylign.train ...` is `raylign train ...` (what `ray job submit` runs)
+    from raylign.cli import main  # only when run as a script: the library never imports the CLI
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -106,6 +106,10 @@ class TrainBatch:
     completion_ids: list[list[int]]
     loss_mask: list[list[int]]
     fields: dict[str, list] = field(default_factory=dict)
+    # Group of each sequence (consecutive runs: the G samples of one prompt, the two halves of a pair). The
+    # trainer keeps a group on one rank and in one micro-batch. None: every sequence is its own group.
+    group_B: list[int] | None = None
+    temperature: float = 1.0  # the sampling temperature: the trainer's log-probs are of logits / temperature
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -116,4 +120,6 @@ class TrainBatch:
             completion_ids=[self.completion_ids[i] for i in indices],
             loss_mask=[self.loss_mask[i] for i in indices],
             fields={k: [v[i] for i in indices] for k, v in self.fields.items()},
+            group_B=None if self.group_B is None else [self.group_B[i] for i in indices],
+            temperature=self.temperature,
         )

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,8 +45,21 @@ from raylign.actors.train_backends import (
     scatter_optimizer_state,
 )
 
-if TYPE_CHECKING:
-    from raylign.actors.trainer_worker import TrainerWorker
+
+
+class TrainerState(Protocol):
+    """What checkpointing reads and restores of a trainer worker (``TrainerWorker`` has these); a Protocol,
+    so this module does not import the worker that imports it."""
+
+    policy: Wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    critic: Wrapped | None
+    critic_optimizer: torch.optim.Optimizer | None
+    critic_scheduler: Any
+    steps: int
+    rank: int
+    world: int
 
 FORMAT_VERSION = 1  # of trainer_state.json and the optimizer JSON; bump when their layout changes
 
@@ -180,7 +193,7 @@ def set_rng_state(state: dict) -> None:
 
 # --- save ----------------------------------------------------------------------------------------------
 
-def _separate_critic(worker: TrainerWorker) -> bool:
+def _separate_critic(worker: TrainerState) -> bool:
     return worker.critic is not None and worker.critic is not worker.policy
 
 
@@ -192,7 +205,7 @@ def write_part(out: Path, files: PartFiles, model_state: dict, optim_state: dict
     _atomic_json(meta, out / files.optimizer_meta)
 
 
-def save_trainer_checkpoint(worker: TrainerWorker, out_dir: str) -> None:
+def save_trainer_checkpoint(worker: TrainerState, out_dir: str) -> None:
     policy = gather_model_state(worker.policy), gather_optimizer_state(worker.policy, worker.optimizer)
     separate = _separate_critic(worker)
     if separate:
@@ -295,7 +308,7 @@ def _checked_on_rank0(src: Path) -> tuple[dict | str, dict]:
         return f"trainer checkpoint {src} cannot be read: {type(e).__name__}: {e}", {}
 
 
-def load_trainer_checkpoint(worker: TrainerWorker, in_dir: str) -> None:
+def load_trainer_checkpoint(worker: TrainerState, in_dir: str) -> None:
     src = Path(in_dir)
     # Rank 0 reads and checks every file's header; the others learn the outcome first, so a missing or
     # broken file fails every rank before anyone enters the broadcasts below.

@@ -15,7 +15,6 @@ ReferenceActor instead). Forwards use trainer_math's packed rows: the samples of
 
 from __future__ import annotations
 
-import inspect
 import os
 from contextlib import ExitStack
 import random
@@ -119,6 +118,7 @@ class WorkerSpec:
     seed: int
     total_steps: int | None
     critic: str | None = None  # PPO: "value_head" (on the policy backbone) or "separate" (its own model)
+    reference: bool = False  # the algorithm needs a frozen reference and trainer.ref_model is "trainer"
 
 
 def _device(cfg: TrainerConfig) -> torch.device:
@@ -162,7 +162,7 @@ class TrainerWorker:
             self.critic_optimizer, self.critic_scheduler = self._optimizer(
                 [{"params": list(self.critic.model.parameters()), "lr": critic_lr}])
         self.ref = None
-        if self.cfg.ref_model == "trainer":
+        if spec.reference:
             self.ref = load_hf_model(spec.model_path, "bfloat16", spec.model_cfg.trust_remote_code).to(self.device)
             self.ref.eval().requires_grad_(False)
         self.steps = 0
@@ -223,7 +223,8 @@ class TrainerWorker:
         if cmd.which not in ("policy", "ref"):
             raise ValueError(f"which must be 'policy' or 'ref', got {cmd.which!r}")
         if cmd.which == "ref" and self.ref is None:
-            raise ValueError(f"no reference model in the trainer (trainer.ref_model={self.cfg.ref_model!r})")
+            raise ValueError("no reference model in the trainer (built only for algorithms that need one, "
+                             "with trainer.ref_model=trainer)")
         batch: TrainBatch = ray.get(cmd.batch_ref)
         check_batch(batch)
         plan = [steps[0] for steps in self._plan(batch)]
@@ -238,7 +239,8 @@ class TrainerWorker:
                 if k >= len(mine):
                     self._dummy_forward()
                     continue
-                logprobs_B_T, _ = sequence_logprobs(model, self._tensors(batch.select(mine[k])))
+                logprobs_B_T, _ = sequence_logprobs(model, self._tensors(batch.select(mine[k])),
+                                                    temperature=batch.temperature)
                 out.update(unpad(logprobs_B_T, batch, mine[k]))
         return out
 
@@ -252,17 +254,12 @@ class TrainerWorker:
         check_batch(batch)
         # A missing field or misspelt kwarg must fail here, on every rank, not inside a micro-batch while a
         # rank with only dummy work waits in a reduce-scatter.
-        wants = _model_outputs(cmd.loss_name)
+        loss = LOSSES[cmd.loss_name]
+        loss.check(cmd.loss_name, set(batch.fields), set(cmd.loss_kwargs))
+        wants = loss.outputs
         if "values_B_T" in wants and self.critic is None:
             raise ValueError(f"loss {cmd.loss_name!r} needs a critic; this trainer has none (algorithm.critic)")
-        try:
-            inspect.signature(LOSSES[cmd.loss_name]).bind(
-                logprobs_B_T=None, mask_B_T=None, **dict.fromkeys(wants), **dict.fromkeys(batch.fields),
-                **cmd.loss_kwargs)
-        except TypeError as e:
-            raise TypeError(f"loss {cmd.loss_name!r}: {e} (batch fields {sorted(batch.fields)}, "
-                            f"loss_kwargs {sorted(cmd.loss_kwargs)})") from None
-        agg = cmd.loss_kwargs.get("agg", "token")
+        agg = loss.unit(cmd.loss_kwargs)
         plan = self._plan(batch, cmd.minibatches)
         stats = {"sums": {}, "weight": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "grad_norms": [], "lrs": []}
         two_models = self.critic is not None and self.critic is not self.policy and "values_B_T" in wants
@@ -295,21 +292,21 @@ class TrainerWorker:
         stats["optimizer_steps"] = self.steps
         return stats
 
-    def _micro_step(self, batch: TrainBatch, cmd: TrainStep, wants: set[str], scale: float, units: float,
+    def _micro_step(self, batch: TrainBatch, cmd: TrainStep, wants: frozenset[str], scale: float, units: float,
                     stats: dict) -> None:
         tensors = self._tensors(batch)
         fields = {name: tensors[name] for name in batch.fields}
         entropy_grad = "entropy_B_T" in wants and cmd.loss_kwargs.get("entropy_coef", 0.0) > 0
         with self.policy.compute():
             logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True,
-                                                          entropy_grad=entropy_grad)
+                                                          entropy_grad=entropy_grad, temperature=batch.temperature)
             if "values_B_T" in wants:
                 fields["values_B_T"] = self._critic_values(tensors, forward=self.critic is not self.policy)
             elif self.critic is self.policy:
                 take_values(self.policy.inner)  # computed by the head's hook but unused by this loss
             if "entropy_B_T" in wants:
                 fields["entropy_B_T"] = entropy_B_T
-            loss, metrics = LOSSES[cmd.loss_name](logprobs_B_T=logprobs_B_T, mask_B_T=tensors["mask_B_T"],
+            loss, metrics = LOSSES[cmd.loss_name].fn(logprobs_B_T=logprobs_B_T, mask_B_T=tensors["mask_B_T"],
                                                   **fields, **cmd.loss_kwargs)
         (loss * scale).backward()
         metrics = {**metrics, "loss/total": loss.item()}
@@ -353,11 +350,6 @@ class TrainerWorker:
             return Reply(cmd_id, self.rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                          seconds=time.perf_counter() - started)
         return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
-
-
-def _model_outputs(loss_name: str) -> set[str]:
-    """What a loss takes from the trainer's forward besides log-probs (see algorithms.registry)."""
-    return {"values_B_T", "entropy_B_T"} & set(inspect.signature(LOSSES[loss_name]).parameters)
 
 
 def _clip(wrapped: Wrapped, max_norm: float) -> float:

@@ -99,7 +99,8 @@ def _sequence_mean(loss_B_T, mask_B_T, max_tokens):
 
 def _fixed_constant(loss_B_T, mask_B_T, max_tokens):
     # Dr.GRPO: a constant normaliser removes the length bias of 1/|o_i| without DAPO's batch-dependent count
-    max_tokens = loss_B_T.shape[-1] if max_tokens is None else max_tokens
+    if max_tokens is None:  # the padded width would make each token's weight depend on its micro-batch
+        raise ValueError("agg='fixed' needs max_tokens (the generation budget, generator.max_new_tokens)")
     return masked_sum(loss_B_T, mask_B_T) / (loss_B_T.shape[0] * max_tokens)
 
 
@@ -113,7 +114,8 @@ def aggregate(loss_B_T: torch.Tensor, mask_B_T: torch.Tensor, mode: AggMode = "t
     "token":    sum over valid tokens / number of valid tokens (DAPO).
     "sequence": mean over each sequence's valid tokens, then mean over non-empty sequences (GRPO).
     "fixed":    sum over valid tokens / (B * max_tokens) (Dr.GRPO). Pass the generation budget
-                (max_new_tokens) as max_tokens so the scale doesn't move with batch padding; default T.
+                (max_new_tokens) as max_tokens so the scale doesn't move with batch padding or with how the
+                trainer cuts the batch into micro-batches; required.
     """
     if mode not in _AGGREGATORS:
         raise ValueError(f"unknown aggregation {mode!r}; expected one of {sorted(_AGGREGATORS)}")

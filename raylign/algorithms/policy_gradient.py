@@ -14,23 +14,13 @@ the first update (never taken from the generator, whose bf16 kernels differ slig
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from raylign.algorithms.advantages import ema_baseline_advantages, group_advantages, rloo_advantages
 from raylign.algorithms.losses import kl_penalized_rewards
-from raylign.algorithms.protocol import Cluster, completions_batch
-from raylign.types import Problem, Score
-from raylign.types import Completion
-
-
-@dataclass
-class StepOutput:
-    groups: list[list[Completion]]
-    scores: list[list[Score]]
-    advantages_P_G: torch.Tensor
-    metrics: dict[str, float]
+from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
+from raylign.types import Completion, Problem, Score
 
 
 def _grpo(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
@@ -56,7 +46,7 @@ def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: 
     groups = cluster.generate(problems, n=cfg.group_size, temperature=cfg.temperature)
     scores = cluster.score(problems, groups)
     rewards_P_G = torch.tensor([[s.reward for s in g] for g in scores], dtype=torch.float64)
-    batch = completions_batch(groups)
+    batch = completions_batch(groups, cfg.temperature)
     metrics = rollout_metrics(groups, scores, rewards_P_G)
 
     kl_beta_loss = cfg.kl_beta
@@ -69,7 +59,7 @@ def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: 
     batch.fields["advantages_B"] = advantages_P_G.flatten().tolist()
 
     loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
-                       kl_beta=kl_beta_loss, kl_kind=cfg.kl_kind)
+                       kl_beta=kl_beta_loss, kl_kind=cfg.kl_kind, max_tokens=cluster.max_new_tokens)
     loss_name = "policy_gradient_on_policy"
     if cfg.epochs > 1 or cfg.minibatches > 1:
         batch.fields["old_logprobs_B_T"] = cluster.logprobs(batch)
@@ -80,7 +70,20 @@ def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: 
     metrics["advantage/abs_mean"] = advantages_P_G.abs().mean().item()
     if "baseline" in state:
         metrics["reward/baseline"] = state["baseline"]
-    return StepOutput(groups, scores, advantages_P_G, metrics)
+    return rollout_output(problems, groups, scores, advantages_P_G, metrics)
+
+
+def rollout_output(problems: list[Problem], groups: list[list[Completion]], scores: list[list[Score]],
+                   advantages_P_G: torch.Tensor, metrics: dict[str, float]) -> StepOutput:
+    """A rollout step's output: its metrics and one rollouts.jsonl row per sample."""
+    records = [
+        {"prompt_id": p.id, "sample": j, "prompt": p.messages[-1]["content"], "completion": c.text,
+         "prediction": s.prediction, "ground_truth": p.answer, "reward": s.reward, "correct": s.correct,
+         "advantage": float(advantages_P_G[i, j]), "tokens": len(c.token_ids), "policy_version": c.policy_version}
+        for i, (p, group, sg) in enumerate(zip(problems, groups, scores, strict=True))
+        for j, (c, s) in enumerate(zip(group, sg, strict=True))
+    ]
+    return StepOutput(metrics, records, groups, scores, advantages_P_G)
 
 
 def _kl_in_reward(rewards_P_G, groups, ref_logprobs, cfg) -> torch.Tensor:

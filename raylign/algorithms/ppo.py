@@ -21,10 +21,9 @@ import torch
 
 from raylign.algorithms.advantages import gae
 from raylign.algorithms.numerics import kl_estimate, masked_mean, masked_whiten
-from raylign.algorithms.policy_gradient import StepOutput, rollout_metrics
-from raylign.algorithms.protocol import Cluster, completions_batch
-from raylign.types import Problem, Score
-from raylign.types import Completion
+from raylign.algorithms.policy_gradient import rollout_metrics, rollout_output
+from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
+from raylign.types import Completion, Problem, Score
 
 
 def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> StepOutput:
@@ -32,7 +31,7 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
     groups = cluster.generate(problems, n=cfg.group_size, temperature=cfg.temperature)
     scores = cluster.score(problems, groups)
     rewards_P_G = penalize_truncated(scores, groups, cfg.truncation_penalty)
-    batch = completions_batch(groups)
+    batch = completions_batch(groups, cfg.temperature)
     metrics = rollout_metrics(groups, scores, rewards_P_G)
 
     lengths_B = [len(ids) for ids in batch.completion_ids]
@@ -55,7 +54,8 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
     batch.fields.update(advantages_B=rows(adv_B_T, lengths_B), old_logprobs_B_T=old_logprobs,
                         old_values_B_T=old_values, returns_B_T=rows(returns_B_T, lengths_B))
     loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, vf_coef=cfg.vf_coef,
-                       vf_clip=cfg.vf_clip, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg)
+                       vf_clip=cfg.vf_clip, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
+                       max_tokens=cluster.max_new_tokens)
     for _ in range(cfg.epochs):
         metrics.update(cluster.train_step(batch, "ppo", loss_kwargs, cfg.minibatches))
     metrics.update(cluster.sync_weights())
@@ -64,7 +64,8 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
         "returns/mean": masked_mean(returns_B_T, valid_B_T).item(),
         "advantage/abs_mean": masked_mean(adv_B_T.abs(), mask_B_T).item(),
     })
-    return StepOutput(groups, scores, masked_mean(adv_B_T, mask_B_T, dim=-1).view_as(rewards_P_G), metrics)
+    return rollout_output(problems, groups, scores, masked_mean(adv_B_T, mask_B_T, dim=-1).view_as(rewards_P_G),
+                          metrics)
 
 
 def penalize_truncated(scores: list[list[Score]], groups: list[list[Completion]], penalty: float | None) -> torch.Tensor:

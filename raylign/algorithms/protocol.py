@@ -6,13 +6,18 @@ unit tests implement it in-process. Algorithms never see a Ray handle.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from raylign.types import Problem, Score
-from raylign.types import Completion, TrainBatch
+import torch
+
+from raylign.types import Completion, Problem, Score, TrainBatch
 
 
 class Cluster(Protocol):
+    max_new_tokens: int  # the generation budget per response (Dr.GRPO's fixed-length normaliser)
+
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
         """n samples per problem from the current policy, in problem order."""
 
@@ -39,15 +44,51 @@ class Cluster(Protocol):
     def values(self, batch: TrainBatch) -> list[list[float]]:
         """The critic's V(s_t) for each completion token t (the state before token t is emitted)."""
 
-    def sync_weights(self) -> dict[str, float]:
-        """Push the trainer's weights to every generator; the policy version goes up by one."""
+    def sync_weights(self, lazy: bool = False) -> dict[str, float]:
+        """Push the trainer's weights to every generator; the policy version goes up by one. ``lazy``: the
+        weights travel before the next generate or eval instead (steps that never sample)."""
+
+    def encode(self, prompts: list[list[dict[str, str]]], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Token ids of (chat prompt, response + end of turn), exactly as the generator would produce them."""
+
+    def judge(self, requests: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+        """Greedy answers of the frozen judge model to chat requests (built for algorithms that ask for one)."""
+
+    def reset_policy(self) -> None:
+        """Put the trainer back to the initial weights with a fresh optimizer (RestEM's restart from base)."""
 
 
-def completions_batch(groups: list[list[Completion]]) -> TrainBatch:
-    """Flatten P groups of G completions into a P*G-sequence batch (row-major: prompt, then sample)."""
+@dataclass
+class StepOutput:
+    """What one step returns: metrics, and the rows it adds to rollouts.jsonl (the loop adds ``step``).
+
+    Rollout algorithms also keep what they sampled (``groups``, ``scores``, ``advantages_P_G``) for callers
+    that inspect a step; offline algorithms leave them None.
+    """
+
+    metrics: dict[str, float]
+    records: list[dict] = field(default_factory=list)
+    groups: list[list[Completion]] | None = None
+    scores: list[list[Score]] | None = None
+    advantages_P_G: torch.Tensor | None = None
+
+
+# step(cluster, items, algorithm config section, algorithm state) -> StepOutput; ``items`` are the step's
+# Problems, Examples or Pairs (the registry entry's data source), ``state`` survives checkpoints.
+StepFn = Callable[[Cluster, list, Any, dict], StepOutput]
+
+
+def completions_batch(groups: list[list[Completion]], temperature: float = 1.0) -> TrainBatch:
+    """Flatten P groups of G completions into a P*G-sequence batch (row-major: prompt, then sample).
+
+    Each prompt's samples form one group (kept on one trainer rank and in one micro-batch); ``temperature``
+    is the one they were sampled at, so the trainer's log-probs are of the same distribution.
+    """
     flat = [c for group in groups for c in group]
     return TrainBatch(
         prompt_ids=[c.prompt_ids for c in flat],
         completion_ids=[c.token_ids for c in flat],
         loss_mask=[c.loss_mask if c.loss_mask is not None else [1] * len(c.token_ids) for c in flat],
+        group_B=[i for i, group in enumerate(groups) for _ in group],
+        temperature=temperature,
     )

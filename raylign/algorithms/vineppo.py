@@ -28,9 +28,9 @@ from dataclasses import replace
 import torch
 
 from raylign.algorithms.numerics import masked_mean, masked_whiten
-from raylign.algorithms.policy_gradient import StepOutput, rollout_metrics
+from raylign.algorithms.policy_gradient import rollout_metrics, rollout_output
 from raylign.algorithms.ppo import pad_B_T, penalize_truncated, rows
-from raylign.algorithms.protocol import Cluster, completions_batch
+from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
 from raylign.algorithms.step_split import split_steps
 from raylign.types import Problem
 from raylign.types import TrainBatch
@@ -38,12 +38,10 @@ from raylign.types import TrainBatch
 
 def vineppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> StepOutput:
     """generate -> score -> split steps -> MC values of the unique states -> step advantages -> train -> sync."""
-    if cfg.kl_in_reward:
-        raise ValueError("vineppo: kl_in_reward is not supported (the KL is a loss term); set kl_in_reward=false")
     groups = cluster.generate(problems, n=cfg.group_size, temperature=cfg.temperature)
     scores = cluster.score(problems, groups)
     rewards_P_G = penalize_truncated(scores, groups, cfg.truncation_penalty)
-    batch = completions_batch(groups)
+    batch = completions_batch(groups, cfg.temperature)
     metrics = rollout_metrics(groups, scores, rewards_P_G)
 
     pieces_B = cluster.token_pieces(batch.completion_ids)
@@ -67,7 +65,8 @@ def vineppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) ->
     metrics.update(mc_metrics)
     metrics["steps/mean"] = sum(map(len, boundaries_B)) / max(1, sum(n > 0 for n in lengths_B))
     metrics["advantage/abs_mean"] = masked_mean(adv_B_T.abs(), mask_B_T).item()
-    return StepOutput(groups, scores, masked_mean(adv_B_T, mask_B_T, dim=-1).view_as(rewards_P_G), metrics)
+    return rollout_output(problems, groups, scores, masked_mean(adv_B_T, mask_B_T, dim=-1).view_as(rewards_P_G),
+                          metrics)
 
 
 def mc_states(prompt_ids_B: list[list[int]], completion_ids_B: list[list[int]],
@@ -154,7 +153,7 @@ def _mc_rewards(cluster: Cluster, problems, cfg, prefixes_S, state_B, problem_B,
 def _policy_loss(cluster: Cluster, batch: TrainBatch, cfg) -> tuple[str, dict]:
     """The critic-free clipped loss, with the reference / old log-probs it needs (as policy_gradient.py)."""
     loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
-                       kl_beta=cfg.kl_beta, kl_kind=cfg.kl_kind)
+                       kl_beta=cfg.kl_beta, kl_kind=cfg.kl_kind, max_tokens=cluster.max_new_tokens)
     if cfg.kl_beta > 0:
         batch.fields["ref_logprobs_B_T"] = cluster.logprobs(batch, which="ref")
     on_policy = cfg.epochs == 1 and cfg.minibatches == 1

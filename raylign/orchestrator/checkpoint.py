@@ -157,7 +157,8 @@ def read_driver_state(ckpt: Path) -> dict:
 
 
 class PromptStream:
-    """Training prompts in a seeded random order, epoch after epoch; its position is checkpointed."""
+    """Training items (prompts, SFT examples or preference pairs) in a seeded random order, epoch after epoch;
+    its position is checkpointed."""
 
     def __init__(self, problems: list, batch_size: int, seed: int):
         self.problems, self.batch_size, self.seed = problems, batch_size, seed

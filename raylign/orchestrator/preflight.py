@@ -8,21 +8,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from raylign.config import Config, ConfigError
-from raylign.envs import DataError, Problem, make_env
+from raylign.envs import DataError, make_env
+from raylign.envs.pairs import (RowIssue, arith_examples, arith_pairs, load_examples, load_pairs, validate_examples,
+                                validate_pairs)
+from raylign.types import Example, Pair, Problem
 from raylign.orchestrator.checkpoint import MANIFEST, read_driver_state, verify_checkpoint
 
 # Fields a resumed run must share with the run it continues: the model and its optimizer state, the trainer's
 # per-rank RNG states, the algorithm's state, and the problem set whose shuffled order the checkpoint indexes.
 RESUME_FIXED = ["model.name", "trainer.num_workers", "algorithm.name", "algorithm.critic", "env.name",
                 "env.difficulty", "env.num_problems", "env.seed", "dataset.path", "dataset.limit",
-                "dataset.question_key", "dataset.question_template", "dataset.answer_key", "seed"]
+                "dataset.question_key", "dataset.question_template", "dataset.answer_key", "seed",
+                "algorithm.data_path", "algorithm.data_split", "algorithm.data_limit", "algorithm.skip_invalid"]
 
 
 def data_source(cfg: Config, split: str) -> str:
+    if split == "train" and getattr(cfg.algorithm, "data_path", None):
+        return cfg.algorithm.data_path.replace("{split}", cfg.algorithm.data_split)
     if cfg.dataset.path:
         return cfg.dataset.path.replace("{split}", split)
     return f"env.name={cfg.env.name} (built-in data)"
@@ -36,10 +43,69 @@ def require_problems(problems: list[Problem], cfg: Config, split: str, need: int
     return problems
 
 
-def training_problems(env, cfg: Config) -> tuple[list[Problem], list[Problem]]:
-    """(training problems, held-out eval problems), each checked against what the run needs of it."""
-    train = require_problems(env.problems("train"), cfg, "train", cfg.algorithm.prompts_per_step,
-                             f"one training step (algorithm.prompts_per_step={cfg.algorithm.prompts_per_step})")
+def _prompts(env, cfg: Config) -> list[Problem]:
+    return env.problems("train")
+
+
+def _examples(env, cfg: Config) -> list[Example]:
+    algo = cfg.algorithm
+    if algo.data_path:
+        return load_examples(algo.data_path, algo.data_split, algo.data_limit)
+    if cfg.env.name != "arith":
+        raise ConfigError(f"algorithm.data_path is needed for {algo.name} with env.name={cfg.env.name} "
+                          "(only arith generates its own worked solutions)")
+    return arith_examples(cfg.env, cfg.dataset, algo.data_split, algo.data_limit or cfg.env.num_problems)
+
+
+def _pairs(env, cfg: Config) -> list[Pair]:
+    algo = cfg.algorithm
+    if algo.data_path:
+        return load_pairs(algo.data_path, algo.data_split, algo.data_limit)
+    if cfg.env.name != "arith":
+        raise ConfigError(f"algorithm.data_path is needed for {algo.name} with env.name={cfg.env.name} "
+                          "(only arith generates its own preference pairs)")
+    return arith_pairs(cfg.env, cfg.dataset, algo.data_split, algo.data_limit or cfg.env.num_problems, cfg.seed)
+
+
+# What each data source of the algorithm registry reads (Algorithm.data).
+DATA_SOURCES: dict[str, Callable] = {"prompts": _prompts, "examples": _examples, "pairs": _pairs}
+
+
+def data_issues(items: list, cfg: Config, tokenizer=None) -> list[RowIssue]:
+    """Row-by-row problems of SFT examples or preference pairs (none for env prompts)."""
+    if items and isinstance(items[0], Pair):
+        return validate_pairs(items, tokenizer, cfg.model.max_model_len if tokenizer else None,
+                              getattr(cfg.algorithm, "step_delimiter", "\n"))
+    if items and isinstance(items[0], Example):
+        return validate_examples(items, tokenizer, cfg.model.max_model_len if tokenizer else None)
+    return []
+
+
+def checked_items(items: list, cfg: Config, tokenizer=None) -> tuple[list, int]:
+    """``items`` without invalid rows and how many were dropped; with invalid rows and no
+    ``algorithm.skip_invalid``, a DataError listing the first of them."""
+    issues = data_issues(items, cfg, tokenizer)
+    if not issues:
+        return items, 0
+    if not getattr(cfg.algorithm, "skip_invalid", False):
+        shown = "\n  ".join(str(i) for i in issues[:5])
+        more = f"\n  ... and {len(issues) - 5} more" if len(issues) > 5 else ""
+        raise DataError(f"{len({i.source for i in issues})} invalid rows in the training data "
+                        f"(raylign data validate lists them all; --skip-invalid drops them):\n  {shown}{more}")
+    bad = {i.source for i in issues}
+    return [x for x in items if x.source not in bad], len(bad)
+
+
+def training_problems(env, cfg: Config) -> tuple[list, list[Problem]]:
+    """(training items of the algorithm's data source, held-out eval problems), each checked against what
+    the run needs of it."""
+    from raylign.algorithms.registry import ALGORITHMS  # imports torch (no Ray): after the config checks
+
+    per_step = cfg.algorithm.items_per_step
+    source = ALGORITHMS[cfg.algorithm.name].data
+    field = "prompts_per_step" if source == "prompts" else "batch_size"
+    train = require_problems(DATA_SOURCES[source](env, cfg), cfg, "train", per_step,
+                             f"one training step (algorithm.{field}={per_step})")
     evals: list[Problem] = []
     if cfg.train.eval_before or cfg.train.eval_after:
         evals = require_problems(env.problems(cfg.train.eval_split), cfg, cfg.train.eval_split, 1,
@@ -85,18 +151,20 @@ class TrainingPlan:
     and the checkpoint it continues from (None: a fresh run) with its driver state."""
 
     cfg: Config
-    train_problems: list[Problem]
+    train_problems: list  # the algorithm's data source: Problems, Examples or Pairs
     eval_problems: list[Problem]
     ckpt: Path | None
     state: dict
+    skipped_rows: int = 0  # invalid examples or pairs dropped (algorithm.skip_invalid)
 
 
 def plan_training(cfg: Config) -> TrainingPlan:
     """Every check that needs neither a model nor Ray; light imports only, so bad input fails in about a second."""
     cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
     train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
+    train, skipped = checked_items(train, cfg)  # the token-length checks follow once the tokenizer is loaded
     ckpt, state = resume_point(cfg, Path(cfg.output_dir))
-    return TrainingPlan(cfg, train, evals, ckpt, state)
+    return TrainingPlan(cfg, train, evals, ckpt, state, skipped)
 
 
 def plan_eval(cfg: Config) -> tuple[Config, list[Problem]]:

@@ -1,6 +1,6 @@
 """The algorithms' ``Cluster`` protocol over Ray: generator replicas, reward actors and Ray Train workers.
 
-Synchronous mode: every step generates with the current weights, trains, then pushes the new weights to
+Synchronous mode: every rollout step generates with the current weights, trains, then pushes the new weights to
 every replica before the next step, so each sample must carry the current policy version (asserted).
 Weights travel as one safetensors file written by trainer rank 0 into ``trainer.weights_dir`` (/dev/shm by
 default) and loaded by each replica: one remote call per replica, not one per parameter.
@@ -8,51 +8,72 @@ default) and loaded by each replica: one remote call per replica, not one per pa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from raylign.algorithms.registry import ALGORITHMS
 from raylign.chat import encode_chat
 from raylign.config import Config
-from raylign.types import Problem, Score
+from raylign.envs.pairs import encode_response
 from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.metrics import PhaseTimer
 from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.trainer_group import TrainerGroup
-from raylign.types import Completion, TrainBatch
+from raylign.types import Completion, Problem, Score, TrainBatch
+
+
+REF_CACHE_TOKENS = 20_000_000  # ~ 160 MB of Python floats at most
 
 
 class RayCluster:
+    """The actors one algorithm needs (its registry entry), behind the algorithms' ``Cluster`` protocol.
+
+    Generator replicas and reward actors exist when the algorithm samples during training or evals are on;
+    the reference model only when the algorithm asks for one (``Algorithm.reference``), in the trainer
+    workers or in its own actor (``trainer.ref_model``); a critic only when it names one.
+    """
+
     def __init__(self, cfg: Config, model_path: str, tokenizer, run_id: str, storage_dir: str, reward_fn=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.timer = PhaseTimer()
         self.version = 0
+        self.synced_version = 0  # the policy version the generators serve
         self.tokens_generated = 0
-        self.mc_tokens = 0  # Monte Carlo continuations (VinePPO): generated, never trained on
+        self.mc_tokens = 0  # Monte Carlo continuations (VinePPO, stepwise DPO): generated, never trained on
         self.mc_calls = 0
+        self.max_new_tokens = cfg.generator.max_new_tokens
         self.prompt_cache: dict[str, list[int]] = {}
+        self.ref_cache: dict[tuple, list[float]] = {}
+        self.ref_cache_tokens = 0
         self.step = 0  # the training step being run (set by the loop; fault hooks read it)
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
+        algorithm = ALGORITHMS[cfg.algorithm.name]
+        self.needs_reference = algorithm.reference(cfg.algorithm)
+        self.critic = algorithm.critic(cfg.algorithm)
+        evals = cfg.train.eval_before or cfg.train.eval_after
+        self.generators = self.rewards = self.rollouts = self.reference = None
         with self.timer.phase("startup"):
             self.trainer = self._start_trainer()
-            self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
-            self.reference = None
-            if cfg.trainer.ref_model == "actor":
+            if algorithm.generation(cfg.algorithm) or evals:
+                self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
+                # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
+                rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
+                                     fault_cfg=cfg.fault)
+                self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
+            if self.needs_reference and cfg.trainer.ref_model == "actor":
                 self.reference = ReferenceClient(model_path, cfg.model, cfg.trainer, cfg.fault)
-            # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
-            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
-                                 fault_cfg=cfg.fault)
-            self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
 
     def _start_trainer(self) -> TrainerGroup:
         cfg = self.cfg
-        optimizer_steps = cfg.train.steps * cfg.algorithm.epochs * cfg.algorithm.minibatches
-        critic = cfg.algorithm.critic if cfg.algorithm.name == "ppo" else None
+        optimizer_steps = cfg.train.steps * getattr(cfg.algorithm, "epochs", 1) * getattr(cfg.algorithm, "minibatches", 1)
         return TrainerGroup(self.model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=self.storage_dir,
-                            total_steps=optimizer_steps, critic=critic,
+                            total_steps=optimizer_steps, critic=self.critic,
+                            reference=self.needs_reference and cfg.trainer.ref_model == "trainer",
                             command_timeout_s=cfg.fault.trainer_timeout_s)
 
     def restart_trainer(self) -> None:
@@ -65,6 +86,8 @@ class RayCluster:
     def fault_counters(self) -> dict[str, float]:
         """Actors replaced so far, per role (``fault/<role>_restarts``)."""
         tools = self.rollouts if self.rollouts is not self.generators else None  # rag: the retriever pool
+        if self.rewards is None:  # no generators either
+            tools = None
         pools = [self.generators, self.rewards, self.reference, tools]
         return {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
 
@@ -75,6 +98,7 @@ class RayCluster:
         return [self.prompt_cache[p.id] for p in problems]
 
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
+        self.ensure_synced()
         with self.timer.phase("generate"):
             spec = self.generators.spec(n=n, temperature=temperature)
             groups = self.rollouts.generate(self.prompt_ids(problems), spec)
@@ -85,6 +109,7 @@ class RayCluster:
 
     def continue_from(self, prefixes: list[list[int]], n: int, temperature: float,
                       max_new_tokens: int | None = None) -> list[list[Completion]]:
+        self.ensure_synced()
         with self.timer.phase("mc_rollouts"):
             spec = self.generators.spec(n=n, temperature=temperature,
                                         max_new_tokens=max_new_tokens or self.cfg.generator.max_new_tokens)
@@ -122,37 +147,82 @@ class RayCluster:
         return out
 
     def logprobs(self, batch: TrainBatch, which: str = "policy") -> list[list[float]]:
-        with self.timer.phase("logprobs" if which == "policy" else "ref_logprobs"):
-            if which == "ref" and self.reference is not None:
-                return self.reference.logprobs(batch)
+        if which == "ref":
+            return self._ref_logprobs(batch)
+        with self.timer.phase("logprobs"):
             return self.trainer.logprobs(batch, which=which)
+
+    def _ref_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """The frozen reference's log-probs, each sequence computed once per run (offline DPO revisits its
+        pairs every epoch): cached by (prompt, completion, temperature) up to REF_CACHE_TOKENS tokens."""
+        keys = [(tuple(p), tuple(c), batch.temperature) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self.ref_cache})
+        if todo:
+            with self.timer.phase("ref_logprobs"):
+                sub = batch.select(todo)
+                sub.group_B = None  # every sequence alone; fields are the loss's, not the reference's
+                sub.fields = {}
+                got = self.reference.logprobs(sub) if self.reference is not None else self.trainer.logprobs(sub, "ref")
+            for i, lp in zip(todo, got, strict=True):
+                if self.ref_cache_tokens < REF_CACHE_TOKENS:
+                    self.ref_cache[keys[i]] = lp
+                    self.ref_cache_tokens += len(lp)
+            fresh = dict(zip(todo, got))
+        else:
+            fresh = {}
+        return [fresh[i] if i in fresh else self.ref_cache[k] for i, k in enumerate(keys)]
 
     def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
         with self.timer.phase("train"):
             return self.trainer.train_step(batch, loss_name, loss_kwargs, minibatches)
 
-    def sync_weights(self) -> dict[str, float]:
+    def sync_weights(self, lazy: bool = False) -> dict[str, float]:
+        """The policy version goes up by one; the weights travel now, or with ``lazy`` (offline algorithms,
+        whose steps never sample) at the next ``ensure_synced``: before the next generate or eval."""
+        if lazy:
+            self.version += 1
+            return {"policy/version": float(self.version)}
         return self.push_weights(self.version + 1)
+
+    def encode(self, prompts: list[list[dict[str, str]]], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids with the chat template, response ids + end of turn) as the generator would produce them."""
+        out = []
+        for messages, response in zip(prompts, responses, strict=True):
+            key = json.dumps(messages, sort_keys=True)
+            if key not in self.prompt_cache:
+                self.prompt_cache[key] = encode_chat(self.tokenizer, messages)
+            out.append((self.prompt_cache[key], encode_response(self.tokenizer, response)))
+        return out
+
+    def ensure_synced(self) -> None:
+        if self.generators is not None and self.synced_version != self.version:
+            self.push_weights(self.version)
 
     def push_weights(self, version: int) -> dict[str, float]:
         """Write the trainer's weights once and load them into every replica as ``version``."""
+        self.version = version
+        if self.generators is None:
+            self.synced_version = version
+            return {"policy/version": float(version)}
         with self.timer.phase("sync"):
             save_s = self.trainer.save_weights(str(self.weights_path))
-            self.version = version
             load_s = self.generators.load_weights(str(self.weights_path), self.version)
         versions = self.generators.policy_versions()
         assert versions == [self.version] * len(versions), f"replicas at versions {versions}, expected {self.version}"
+        self.synced_version = version
         return {"sync/save_s": save_s, "sync/load_s": max(load_s), "policy/version": float(self.version)}
 
     def reseed(self, step: int) -> None:
-        self.generators.reseed(self.cfg.generator.seed + 1_000_003 * (step + 1))
+        if self.generators is not None:
+            self.generators.reseed(self.cfg.generator.seed + 1_000_003 * (step + 1))
 
     def shutdown(self) -> None:
         self.trainer.shutdown()
-        if self.rollouts is not self.generators:
-            self.rollouts.shutdown()
-        self.generators.shutdown()
-        self.rewards.shutdown()
+        if self.generators is not None:
+            if self.rollouts is not self.generators:
+                self.rollouts.shutdown()
+            self.generators.shutdown()
+            self.rewards.shutdown()
         if self.reference is not None:
             self.reference.shutdown()
         self.weights_path.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
-"""`raylign train`: the RL loop on a local or attached Ray cluster, and its recovery from faults.
+"""`raylign train`: any registered algorithm's loop on a local or attached Ray cluster, and its recovery.
 
-eval before -> for each step: next prompts -> ALGORITHMS[name] step (generate, score, advantages, train,
-sync) -> log to MLflow + rollouts.jsonl -> checkpoint when due -> final checkpoint, HF export, eval after.
+eval before -> for each step: next items of the algorithm's data source (prompts, examples or pairs) ->
+ALGORITHMS[name].step (e.g. generate, score, advantages, train, sync) -> log to MLflow + rollouts.jsonl ->
+checkpoint when due -> final checkpoint, HF export, eval after.
 
 Dead or wedged generator, reward, reference and retriever actors are replaced inside their pools, and the step
 goes on. When the trainer workers die or miss a deadline, the group is restarted, loads the last complete
@@ -22,9 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from raylign.algorithms.policy_gradient import StepOutput, policy_gradient_step
-from raylign.algorithms.ppo import ppo_step
-from raylign.algorithms.vineppo import vineppo_step
+from raylign.algorithms.registry import ALGORITHMS
 from raylign.config import Config
 from raylign.types import Problem
 from raylign.models import load_tokenizer, resolve_model
@@ -33,15 +32,12 @@ from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, re
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.evaluate import evaluate
 from raylign.orchestrator.faults import RestartLimitError
-from raylign.orchestrator.preflight import TrainingPlan, plan_training
+from raylign.orchestrator.preflight import TrainingPlan, checked_items, plan_training
 from raylign.orchestrator.rl_cluster import RayCluster
 from raylign.orchestrator.tracking import Tracker
 from raylign.orchestrator.trainer_group import TrainerGroupError
 
 log = logging.getLogger(__name__)
-
-ALGORITHMS = {"grpo": policy_gradient_step, "rloo": policy_gradient_step, "reinforce": policy_gradient_step,
-              "ppo": ppo_step, "vineppo": vineppo_step}
 
 PhaseHook = Callable[[str, int, RayCluster], None]  # (phase, step, cluster): called as each phase starts
 
@@ -51,6 +47,7 @@ class RunFailed(RuntimeError):
 
 
 def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_dir: Path) -> dict:
+    cluster.ensure_synced()  # offline algorithms defer the weight sync to here
     spec = cluster.generators.spec(n=1, temperature=0.0)
     with cluster.timer.phase(name):
         metrics, records = evaluate(problems, cluster.prompt_ids(problems), cluster.rollouts, cluster.rewards,
@@ -59,16 +56,6 @@ def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return metrics
-
-
-def rollout_records(step: int, problems: list[Problem], out: StepOutput) -> list[dict]:
-    return [
-        {"step": step, "prompt_id": p.id, "sample": j, "prompt": p.messages[-1]["content"], "completion": c.text,
-         "prediction": s.prediction, "ground_truth": p.answer, "reward": s.reward, "correct": s.correct,
-         "advantage": float(out.advantages_P_G[i, j]), "tokens": len(c.token_ids), "policy_version": c.policy_version}
-        for i, (p, group, scores) in enumerate(zip(problems, out.groups, out.scores, strict=True))
-        for j, (c, s) in enumerate(zip(group, scores, strict=True))
-    ]
 
 
 def _trim_rollouts(path: Path, before_step: int) -> None:
@@ -94,6 +81,8 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
     cfg, ckpt, state = plan.cfg, plan.ckpt, plan.state
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    train_items, skipped = checked_items(plan.train_problems, cfg, tokenizer)  # now with token lengths
+    skipped += plan.skipped_rows
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
@@ -107,7 +96,8 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
             if on_phase is not None:
                 cluster.timer.on_enter = lambda name: on_phase(name, cluster.step, cluster)
             try:
-                summary = TrainingRun(cfg, cluster, plan.train_problems, plan.eval_problems, tracker, out_dir).run(ckpt, state)
+                summary = TrainingRun(cfg, cluster, train_items, plan.eval_problems, tracker, out_dir).run(ckpt, state)
+                summary["data/skipped_rows"] = skipped
             finally:
                 cluster.shutdown()
         summary["wall_s"] = time.perf_counter() - started
@@ -128,7 +118,7 @@ class TrainingRun:
                  tracker: Tracker, out_dir: Path):
         self.cfg, self.cluster, self.tracker, self.out_dir = cfg, cluster, tracker, out_dir
         self.train_problems, self.eval_problems = train_problems, eval_problems
-        self.stream = PromptStream(train_problems, cfg.algorithm.prompts_per_step, cfg.seed)
+        self.stream = PromptStream(train_problems, cfg.algorithm.items_per_step, cfg.seed)
         self.algo_state: dict = {}
         self.evals: dict = {}
         self.timing: dict[str, float] = {}
@@ -189,7 +179,7 @@ class TrainingRun:
                     str(error).splitlines()[0], ckpt or "the initial weights")
         self.cluster.restart_trainer()
         if ckpt is None:  # nothing saved yet: the fresh workers hold the initial weights
-            self.stream = PromptStream(self.train_problems, self.cfg.algorithm.prompts_per_step, self.cfg.seed)
+            self.stream = PromptStream(self.train_problems, self.cfg.algorithm.items_per_step, self.cfg.seed)
             self.algo_state = {}
             self.cluster.push_weights(0)
             _trim_rollouts(self.rollouts, 0)
@@ -204,11 +194,12 @@ class TrainingRun:
 
     def step(self, step: int) -> None:
         cluster, cfg = self.cluster, self.cfg
-        problems = self.stream.next()
+        algorithm = ALGORITHMS[cfg.algorithm.name]
+        items = self.stream.next()
         cluster.step = step + 1
         cluster.reseed(step)
         step_start, tokens_before = time.perf_counter(), cluster.tokens_generated
-        out = ALGORITHMS[cfg.algorithm.name](cluster, problems, cfg.algorithm, self.algo_state)
+        out = algorithm.step(cluster, items, cfg.algorithm, self.algo_state)
         step_s = time.perf_counter() - step_start
         phases = cluster.timer.pop()
         for k, v in phases.items():
@@ -218,12 +209,13 @@ class TrainingRun:
                    "perf/tokens_per_s": (cluster.tokens_generated - tokens_before) / step_s}
         self.tracker.log_metrics(metrics, step=step + 1)
         with self.rollouts.open("a") as f:
-            for r in rollout_records(step + 1, problems, out):
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        log.info("step %d/%d: reward %.3f, train accuracy %.2f, %.1f s", step + 1, cfg.train.steps,
-                 metrics["reward/mean"], metrics["accuracy/train"], step_s)
+            for r in out.records:
+                f.write(json.dumps({"step": step + 1, **r}, ensure_ascii=False) + "\n")
+        shown = {k.split("/")[-1]: metrics[k] for k in algorithm.headline if k in metrics}
+        log.info("step %d/%d: %s, %.1f s", step + 1, cfg.train.steps,
+                 ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), step_s)
         self.bar.update(1)
-        self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy/train']:.2f}")
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
 
     def fault_counters(self) -> dict[str, float]:
         return {**self.cluster.fault_counters(), **self.faults}

@@ -60,10 +60,12 @@ class TrainerGroupError(RuntimeError):
 
 class TrainerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig, seed: int, storage_dir: str,
-                 total_steps: int | None = None, command_timeout_s: float | None = None, critic: str | None = None):
+                 total_steps: int | None = None, command_timeout_s: float | None = None, critic: str | None = None,
+                 reference: bool = False):
         """Start the workers and wait until each has built its model (raises if one fails to).
 
         critic: None, or "value_head" / "separate" to build a PPO critic beside the policy.
+        reference: load a frozen bf16 reference copy into every worker (for ``logprobs(which="ref")``).
         total_steps: optimizer steps of the whole run; needed by the cosine/linear LR schedules.
         command_timeout_s: give up on a command after this long (None: wait while the workers live).
         """
@@ -80,7 +82,7 @@ class TrainerGroup:
         # Queues are tiny actors; 0 CPUs so they never compete with the workers for logical CPUs.
         self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.world)]
         self._replies = Queue(actor_options={"num_cpus": 0})
-        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps, critic)
+        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps, critic, reference)
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},

@@ -88,7 +88,7 @@ def test_vineppo_issues_one_deduplicated_mc_call_per_step(ppo_cluster):
 
 
 def test_separate_critic_trains_beside_the_policy(ray_session, tiny_model, tmp_path):
-    cfg = TrainerConfig(num_workers=2, lr=1e-3, micro_batch_tokens=64, ref_model="none")
+    cfg = TrainerConfig(num_workers=2, lr=1e-3, micro_batch_tokens=64)
     batch = TrainBatch([[5, 6, 7], [8, 9]], [[11, 12, 13], [21, 22]], [[1, 1, 1], [1, 1]])
     with TrainerGroup(tiny_model, ModelConfig(name=tiny_model), cfg, seed=0, storage_dir=str(tmp_path / "rt"),
                       critic="separate") as group:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import raylign
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.algorithms.protocol import completions_batch
+from raylign.config import ALGORITHM_CONFIGS
 from raylign.envs import make_env
 from raylign.models import load_hf_model, load_tokenizer
 from raylign.orchestrator.reference_pool import ReferenceClient
@@ -31,13 +32,14 @@ def cluster(ray_session, tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("algorithm", ["reinforce", "rloo"])
 def test_two_steps_change_weights_and_bump_versions(cluster, algorithm, tmp_path):
     cfg, rc = cluster
-    cfg.algorithm.name = algorithm
+    algo = ALGORITHM_CONFIGS[algorithm](**cfg.algorithm.model_dump(include={"group_size", "prompts_per_step",
+                                                                          "temperature", "kl_beta"}))
     problems = make_env(cfg.env, cfg.dataset).problems("train")[:2]
     rc.trainer.save_weights(str(tmp_path / "before.safetensors"))
     start_version, state = rc.version, {}
     for step in range(2):
         rc.reseed(step)
-        out = policy_gradient_step(rc, problems, cfg.algorithm, state)
+        out = policy_gradient_step(rc, problems, algo, state)
         assert {c.policy_version for g in out.groups for c in g} == {start_version + step}
         assert out.metrics["train/grad_norm"] > 0 and torch.isfinite(torch.tensor(out.metrics["loss/policy"]))
     assert rc.version == start_version + 2 and rc.generators.policy_versions() == [rc.version]

@@ -24,8 +24,7 @@ from raylign.types import TrainBatch
 # same weights: differences come from padding/kernel order only; measured max ~1e-2 on |logp| ~ 11.
 BF16_ATOL = 0.05
 TOTAL_STEPS = 40
-CFG = dict(num_workers=2, lr=5e-3, warmup_steps=2, lr_schedule="linear", micro_batch_tokens=64,
-           ref_model="trainer")
+CFG = dict(num_workers=2, lr=5e-3, warmup_steps=2, lr_schedule="linear", micro_batch_tokens=64)
 KEYS = {"loss/policy", "loss/kl", "loss/total", "kl/mean", "clip/fraction", "ratio/mean", "train/grad_norm",
         "train/lr", "train/entropy", "train/tokens", "train/optimizer_steps"}
 
@@ -70,7 +69,7 @@ def fp32_weights(group, folder) -> dict[str, torch.Tensor]:
 def group(ray_session, tiny_model, tmp_path_factory):
     started = time.monotonic()
     g = TrainerGroup(tiny_model, ModelConfig(name=tiny_model), TrainerConfig(backend="fsdp2", **CFG), seed=0,
-                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), total_steps=TOTAL_STEPS)
+                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), total_steps=TOTAL_STEPS, reference=True)
     print(f"\nfsdp2 group start: {time.monotonic() - started:.1f}s")
     yield g
     g.shutdown()
@@ -227,7 +226,7 @@ def test_failed_command_raises_with_worker_traceback_and_group_keeps_serving(gro
     with pytest.raises(TrainerCommandError, match=r"(?s)rank\(s\) 0, 1.*unknown loss_name 'nope'.*Traceback"):
         group.train_step(pg_batch(group, batch, [1.0] * 5), "nope", {})
     # Rank 1 has no sequence here and would wait in a reduce-scatter if only rank 0 found the missing field.
-    with pytest.raises(TrainerCommandError, match="missing a required argument: 'old_logprobs_B_T'"):
+    with pytest.raises(TrainerCommandError, match=r"loss 'policy_gradient': missing batch fields \['advantages_B', 'old_logprobs_B_T'\]"):
         group.train_step(TrainBatch([[1, 2]], [[3]], [[1]]), "policy_gradient", {})
     with pytest.raises(TrainerCommandError, match="empty prompt"):
         group.logprobs(TrainBatch([[]], [[1]], [[1]]))
@@ -236,7 +235,7 @@ def test_failed_command_raises_with_worker_traceback_and_group_keeps_serving(gro
 
 def test_ddp_group_trains_resumes_exactly_and_loads_an_fsdp2_checkpoint(group, tiny_model, tmp_path):
     started = time.monotonic()
-    cfg = TrainerConfig(backend="ddp", **{**CFG, "ref_model": "none"})
+    cfg = TrainerConfig(backend="ddp", **CFG)
     with TrainerGroup(tiny_model, ModelConfig(name=tiny_model), cfg, seed=0, storage_dir=str(tmp_path / "rt"),
                       total_steps=TOTAL_STEPS) as ddp:
         print(f"\nddp group start: {time.monotonic() - started:.1f}s")

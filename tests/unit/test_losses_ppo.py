@@ -83,11 +83,24 @@ def test_policy_entropy_loss_on_policy_and_off_policy():
     assert loss.item() == pytest.approx(-0.5 * torch.exp(t(0.1)).item() + 1.0)
 
 
-def test_registered_by_name_with_the_trainer_inputs_they_ask_for():
-    params = {name: set(inspect.signature(LOSSES[name]).parameters) for name in ("ppo", "value", "policy_entropy")}
-    assert {"values_B_T", "entropy_B_T", "old_values_B_T", "returns_B_T", "old_logprobs_B_T"} <= params["ppo"]
-    assert "values_B_T" in params["value"] and "entropy_B_T" not in params["value"]
-    assert "entropy_B_T" in params["policy_entropy"] and "values_B_T" not in params["policy_entropy"]
-    # the trainer binds logprobs_B_T and mask_B_T for every loss
-    for name in ("ppo", "value", "policy_entropy"):
-        assert {"logprobs_B_T", "mask_B_T"} <= params[name]
+def test_registered_losses_declare_what_the_trainer_must_compute():
+    assert LOSSES["ppo"].outputs == {"values_B_T", "entropy_B_T"}
+    assert LOSSES["value"].outputs == {"values_B_T"}
+    assert LOSSES["policy_entropy"].outputs == {"entropy_B_T"}
+    assert LOSSES["policy_gradient"].outputs == frozenset()
+    # every declared field and output is a parameter of the function: the contract can't promise what fn lacks
+    for name, loss in LOSSES.items():
+        params = set(inspect.signature(loss.fn).parameters)
+        declared = loss.fields | loss.optional | loss.outputs | {"logprobs_B_T", "mask_B_T"}
+        assert declared <= params or "kwargs" in params, (name, declared - params)
+
+
+def test_contract_names_what_a_command_lacks_or_adds():
+    LOSSES["ppo"].check("ppo", {"advantages_B", "old_logprobs_B_T", "old_values_B_T", "returns_B_T"}, {"vf_coef"})
+    with pytest.raises(ValueError, match=r"missing batch fields \['returns_B_T'\]"):
+        LOSSES["ppo"].check("ppo", {"advantages_B", "old_logprobs_B_T", "old_values_B_T"}, set())
+    with pytest.raises(ValueError, match=r"unexpected batch fields \['bogus_B'\]"):
+        LOSSES["value"].check("value", {"old_values_B_T", "returns_B_T", "bogus_B"}, set())
+    with pytest.raises(ValueError, match=r"unknown loss_kwargs \['clip_esp'\]"):
+        LOSSES["policy_gradient"].check("policy_gradient", {"advantages_B", "old_logprobs_B_T"}, {"clip_esp"})
+    assert LOSSES["value"].unit({"agg": "sequence"}) == "token" and LOSSES["ppo"].unit({"agg": "fixed"}) == "fixed"

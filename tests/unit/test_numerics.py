@@ -96,7 +96,8 @@ def test_aggregate_sequence_mean_skips_empty_rows():
 
 
 def test_aggregate_fixed_constant():
-    assert aggregate(t(LOSS), t(MASK), "fixed").item() == pytest.approx(10.0 / (2 * 3))  # default T
+    with pytest.raises(ValueError, match="max_tokens"):  # no silent default: the padded T made it length-biased
+        aggregate(t(LOSS), t(MASK), "fixed")
     assert aggregate(t(LOSS), t(MASK), "fixed", max_tokens=5).item() == pytest.approx(10.0 / (2 * 5))
 
 

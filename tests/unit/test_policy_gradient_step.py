@@ -3,7 +3,11 @@
 import pytest
 
 from raylign.algorithms.policy_gradient import policy_gradient_step
-from raylign.config import AlgorithmConfig
+from raylign.config import ALGORITHM_CONFIGS
+
+
+def AlgorithmConfig(name: str = "grpo", **fields):
+    return ALGORITHM_CONFIGS[name](**fields)
 from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
@@ -11,6 +15,7 @@ REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1]]  # prompt 0: two right; p
 
 
 class FakeCluster:
+    max_new_tokens = 64
     def __init__(self):
         self.calls: list[tuple] = []
         self.version = 0

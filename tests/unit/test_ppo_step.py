@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from raylign.algorithms.ppo import ppo_step
-from raylign.config import AlgorithmConfig
+from raylign.config import ALGORITHM_CONFIGS
+
+
+def AlgorithmConfig(name: str = "grpo", **fields):
+    return ALGORITHM_CONFIGS[name](**fields)
 from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
@@ -14,6 +18,7 @@ VALUES = [[0.5, 0.6, 0.7], [0.4, 0.2]]
 
 
 class FakeCluster:
+    max_new_tokens = 64
     def __init__(self):
         self.calls: list[tuple] = []
 
@@ -64,7 +69,7 @@ def test_gae_fields_with_gamma_lam_one_and_truncation_penalty():
     assert batch.fields["old_logprobs_B_T"] == [[-1.0] * 3, [-1.0] * 2]
     assert "ref_logprobs_B_T" not in batch.fields
     assert calls[0][3] == dict(clip_eps=0.2, clip_eps_high=None, vf_coef=0.5, vf_clip=0.2, entropy_coef=0.0,
-                               agg="token")
+                               agg="token", max_tokens=64)
     assert ("logprobs", "ref") not in cluster.calls and cluster.calls[-1] == ("sync",)
     assert out.advantages_P_G.shape == (1, 2)
     assert out.advantages_P_G[0].tolist() == pytest.approx([0.4, -0.8])  # mean token advantage per sequence

@@ -79,8 +79,7 @@ def test_resume_refuses_a_changed_field_and_names_it(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, cfg)
     found, state = resume_point(cfg, tmp_path)
     assert found == ckpt and state["step"] == 2 and state["policy_version"] == 2
-    changed = cfg.model_copy(deep=True)
-    changed.algorithm.name = "rloo"
+    changed = load_config(None, [f"output_dir={tmp_path}", "train.resume=auto", "algorithm.name=rloo"], environ={}).absolutized()
     with pytest.raises(ConfigError) as info:
         resume_point(changed, tmp_path)
     assert str(info.value) == (f"--resume from {ckpt}: it was written with algorithm.name='grpo', this run has "

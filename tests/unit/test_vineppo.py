@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from raylign.algorithms.vineppo import mc_states, step_advantages, step_values, vineppo_step
-from raylign.config import AlgorithmConfig
+from raylign.config import ALGORITHM_CONFIGS
+
+
+def AlgorithmConfig(name: str = "grpo", **fields):
+    return ALGORITHM_CONFIGS[name](**fields)
 from raylign.types import Problem, Score
 from raylign.types import Completion, TrainBatch
 
@@ -27,6 +31,7 @@ def _reward(text):  # the env: the number after the last '#', 0 without one
 
 
 class FakeCluster:
+    max_new_tokens = 64
     def __init__(self):
         self.calls: list[tuple] = []
 
@@ -102,7 +107,7 @@ def test_vineppo_step_exact_per_token_advantages():
     assert adv[1] == pytest.approx([2 / 3, 2 / 3, -1.0, -1.0])
     assert adv[2] == [] and adv[3] == pytest.approx([4 / 3, 4 / 3])
     assert loss_name == "policy_gradient_on_policy" and minibatches == 1
-    assert kwargs == dict(clip_eps=0.2, clip_eps_high=None, agg="token", kl_beta=0.0, kl_kind="k3")
+    assert kwargs == dict(clip_eps=0.2, clip_eps_high=None, agg="token", kl_beta=0.0, kl_kind="k3", max_tokens=64)
     assert out.advantages_P_G.tolist() == [pytest.approx([1 / 3, -1 / 6]), pytest.approx([0.0, 4 / 3])]
 
 
