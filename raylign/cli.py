@@ -1,5 +1,5 @@
-"""`raylign eval|train CONFIG [key=value ...]`, `raylign index build CONFIG [key=value ...]` and `raylign config`
-(every field with its doc)."""
+"""`raylign eval|train CONFIG [key=value ...]`, `raylign data validate CONFIG`, `raylign index build CONFIG
+[key=value ...]` and `raylign config` (every field with its doc)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from raylign.train import train
 
-    summary = train(args.config, args.overrides, resume=args.resume)
+    overrides = args.overrides + (["algorithm.skip_invalid=true"] if args.skip_invalid else [])
+    summary = train(args.config, overrides, resume=args.resume)
     before = summary.get("eval_before", {}).get("accuracy")
     after = summary.get("eval_after", {}).get("accuracy")
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
@@ -56,6 +57,25 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_validate(args: argparse.Namespace) -> int:
+    """Every training row the config would read, checked as `raylign train` checks it: one line per bad row
+    (file:row: field: reason), then a count. Exit 1 when any row is bad."""
+    from raylign.envs import make_env
+    from raylign.models import load_tokenizer, resolve_model
+    from raylign.orchestrator.preflight import data_issues, training_problems
+
+    cfg = load_config(args.config, args.overrides).absolutized()
+    items, _ = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
+    tokenizer = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    issues = data_issues(items, cfg, tokenizer)
+    for issue in issues:
+        print(issue)
+    bad = len({i.source for i in issues})
+    kind = type(items[0]).__name__.lower() + "s" if items else "rows"
+    print(f"{bad} of {len(items)} {kind} invalid ({len(issues)} problems)" if bad else f"all {len(items)} {kind} valid")
+    return 1 if bad else 0
+
+
 def _index_build(args: argparse.Namespace) -> int:
     import logging
 
@@ -77,14 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in [("eval", _eval, "evaluate a model on an env"),
-                                ("train", _train, "train a policy with RL (GRPO, RLOO, REINFORCE)"),
+                                ("train", _train, "train a policy (GRPO, PPO, VinePPO, SFT, DPO, RestEM, ...)"),
                                 ("config", _config, "show config fields, or a resolved config")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", nargs="?" if name == "config" else None, help="YAML preset (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generator.temperature=0.7")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+            p.add_argument("--skip-invalid", action="store_true",
+                           help="drop (and count) SFT examples or pairs that fail validation instead of refusing them")
         p.set_defaults(fn=fn)
+    data = sub.add_parser("data", help="training data (SFT examples, preference pairs)").add_subparsers(
+        dest="action", required=True)
+    p = data.add_parser("validate", help="check every example or pair the config would train on")
+    p.add_argument("config", help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.data_path=pairs.jsonl")
+    p.set_defaults(fn=_data_validate)
     index = sub.add_parser("index", help="document indexes of the rag env").add_subparsers(dest="action", required=True)
     p = index.add_parser("build", help="build (or reuse) the ChromaDB + BM25 index that rag.* describes")
     p.add_argument("config", help="YAML preset (configs/*.yaml)")

@@ -335,7 +335,8 @@ class Config(_Section):
 
         The driver calls this before anything starts: Ray Train workers and actors run in working directories
         of their own, so a relative path handed to them lands somewhere else (the demo's model once went
-        to Ray's session folder). Values that may be hub ids (model.name, dataset.path, rag.corpus_path) are
+        to Ray's session folder). Values that may be hub ids (model.name, dataset.path, rag.corpus_path,
+        algorithm.data_path, algorithm.judge_model) are
         resolved only when they look local: they exist, or start with '.', '/' or '~'.
         """
         base = Path(cwd or os.getcwd())
@@ -355,7 +356,9 @@ class Config(_Section):
         out.rag.index_dir = absolute(out.rag.index_dir)
         if out.model.cache_dir:
             out.model.cache_dir = absolute(out.model.cache_dir)
-        for section, key in [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path")]:
+        local_keys = [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path")]
+        local_keys += [(out.algorithm, k) for k in ("data_path", "judge_model") if k in type(out.algorithm).model_fields]
+        for section, key in local_keys:
             if looks_local(getattr(section, key)):
                 setattr(section, key, absolute(getattr(section, key)))
         prefix = "sqlite:///"

@@ -61,6 +61,7 @@ class Pair:
     scores_chosen: tuple[float, ...] | None = None
     scores_rejected: tuple[float, ...] | None = None
     source: str = ""
+    answer: str | None = None  # the prompt's ground truth when known: Monte Carlo step scores need it
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raylign.algorithms.dpo import dpo_step, online_dpo_step
 from raylign.algorithms.losses import policy_entropy_loss, policy_gradient_loss, ppo_loss, value_only_loss
+from raylign.algorithms.offline_losses import dpo_loss, sft_loss, stepwise_dpo_loss
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.algorithms.ppo import ppo_step
 from raylign.algorithms.protocol import StepFn
+from raylign.algorithms.restem import restem_step
+from raylign.algorithms.sft import sft_step
+from raylign.algorithms.step_dpo import step_dpo_step
 from raylign.algorithms.vineppo import vineppo_step
 
 DataSource = Literal["prompts", "examples", "pairs"]
@@ -52,8 +57,12 @@ class Algorithm:
     generation: Callable[[Any], bool] = _always  # samples from the policy during training
     reference: Callable[[Any], bool] = _kl  # a frozen reference model (trainer.ref_model says where)
     critic: Callable[[Any], str | None] = _no_critic  # "value_head" or "separate" (PPO)
+    judge: Callable[[Any], bool] = _never  # a frozen judge model on its own generator actor
+    base_snapshot: Callable[[Any], bool] = _never  # keep the initial weights for Cluster.reset_policy
     headline: tuple[str, ...] = ("reward/mean", "accuracy/train")  # metrics shown on the progress bar
 
+
+_DPO_HEADLINE = ("loss/dpo", "dpo/reward_accuracy", "dpo/margin")
 
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(policy_gradient_step, "prompts"),
@@ -61,6 +70,14 @@ ALGORITHMS: dict[str, Algorithm] = {
     "reinforce": Algorithm(policy_gradient_step, "prompts"),
     "ppo": Algorithm(ppo_step, "prompts", critic=lambda cfg: cfg.critic),
     "vineppo": Algorithm(vineppo_step, "prompts"),
+    "sft": Algorithm(sft_step, "examples", generation=_never, reference=_never, headline=("loss/sft",)),
+    "dpo": Algorithm(dpo_step, "pairs", generation=_never, reference=_always, headline=_DPO_HEADLINE),
+    "online_dpo": Algorithm(online_dpo_step, "prompts", reference=_always,
+                            headline=("reward/mean", "accuracy/train", "dpo/reward_accuracy")),
+    "step_dpo": Algorithm(step_dpo_step, "pairs", generation=lambda cfg: cfg.step_scores == "mc",
+                          reference=_always, judge=lambda cfg: cfg.step_scores == "judge", headline=_DPO_HEADLINE),
+    "restem": Algorithm(restem_step, "prompts", reference=_never, base_snapshot=lambda cfg: cfg.restart_from_base,
+                        headline=("reward/mean", "accuracy/train", "restem/kept")),
 }
 
 
@@ -111,6 +128,11 @@ LOSSES: dict[str, Loss] = {
                            _PG_KWARGS | {"entropy_coef"}, frozenset({"entropy_B_T"})),
     "ppo": Loss(ppo_loss, frozenset({"advantages_B", "old_logprobs_B_T", "old_values_B_T", "returns_B_T"}), _REF,
                 _PG_KWARGS | {"vf_coef", "vf_clip", "entropy_coef"}, frozenset({"values_B_T", "entropy_B_T"})),
+    "sft": Loss(sft_loss, frozenset(), units="token"),
+    "dpo": Loss(dpo_loss, frozenset({"ref_logprobs_B_T", "chosen_B"}),
+                kwargs=frozenset({"beta", "loss_type", "dpop_lambda", "label_smoothing"}), units="sequence"),
+    "step_dpo": Loss(stepwise_dpo_loss, frozenset({"ref_logprobs_B_T", "chosen_B", "token_weights_B_T"}),
+                     kwargs=frozenset({"beta"}), units="sequence"),
     "value": Loss(value_only_loss, frozenset({"old_values_B_T", "returns_B_T"}), frozenset(), frozenset({"vf_clip"}),
                   frozenset({"values_B_T"}), units="token"),
 }

@@ -48,8 +48,9 @@ def vineppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) ->
     boundaries_B = [split_steps(p, cfg.step_split, cfg.max_steps_per_response) for p in pieces_B]
     prefixes_S, state_B = mc_states(batch.prompt_ids, batch.completion_ids, boundaries_B)
     problem_B = [p for p, g in enumerate(groups) for _ in g]
-    rewards_S_K, mc_metrics = _mc_rewards(cluster, problems, cfg, prefixes_S, state_B, problem_B, pieces_B,
-                                          boundaries_B)
+    rewards_S_K, mc_metrics = mc_rewards(cluster, [problems[i] for i in problem_B], prefixes_S, state_B, pieces_B,
+                                         boundaries_B, cfg.mc_rollouts, cfg.temperature, cfg.mc_max_new_tokens,
+                                         cfg.truncation_penalty)
     values_B = step_values(rewards_S_K, state_B)
 
     lengths_B = [len(ids) for ids in batch.completion_ids]
@@ -121,9 +122,12 @@ def _starts(ends: list[int]) -> list[int]:
     return [0] + list(ends[:-1]) if ends else []
 
 
-def _mc_rewards(cluster: Cluster, problems, cfg, prefixes_S, state_B, problem_B, pieces_B, boundaries_B):
-    """Score K continuations of every unique state in one continue_from and one score call: (S, K) rewards."""
-    K = cfg.mc_rollouts
+def mc_rewards(cluster: Cluster, problem_B: list[Problem], prefixes_S, state_B, pieces_B, boundaries_B, K: int,
+               temperature: float, max_new_tokens: int | None = None, truncation_penalty: float | None = None):
+    """Score K continuations of every unique state in one continue_from and one score call: (S, K) rewards.
+
+    ``problem_B[i]`` is the problem sequence i answers (it scores every continuation of a state i reaches
+    first); ``pieces_B`` the text of each completion token (the partial response is scored with them)."""
     if not prefixes_S:  # only empty responses: nothing to estimate
         return torch.zeros((0, K), dtype=torch.float64), {"mc/states": 0.0, "mc/states_before_dedup": 0.0,
                                                           "mc/calls": 0.0, "tokens/mc_rollouts": 0.0}
@@ -131,13 +135,12 @@ def _mc_rewards(cluster: Cluster, problems, cfg, prefixes_S, state_B, problem_B,
     for i, row in enumerate(state_B):
         for s, start in zip(row, _starts(boundaries_B[i])):
             origin_S.setdefault(s, (i, start))
-    conts_S_K = cluster.continue_from(prefixes_S, n=K, temperature=cfg.temperature,
-                                      max_new_tokens=cfg.mc_max_new_tokens)
+    conts_S_K = cluster.continue_from(prefixes_S, n=K, temperature=temperature, max_new_tokens=max_new_tokens)
     # the env scores the whole response: the partial response up to the boundary, then the continuation
     groups_S = [[replace(c, text="".join(pieces_B[i][:start]) + c.text) for c in conts_S_K[s]]
                 for s, (i, start) in sorted(origin_S.items())]
-    scores_S = cluster.score([problems[problem_B[i]] for _, (i, _) in sorted(origin_S.items())], groups_S)
-    rewards_S_K = penalize_truncated(scores_S, conts_S_K, cfg.truncation_penalty)
+    scores_S = cluster.score([problem_B[i] for _, (i, _) in sorted(origin_S.items())], groups_S)
+    rewards_S_K = penalize_truncated(scores_S, conts_S_K, truncation_penalty)
     metrics = {
         "mc/states": float(len(prefixes_S)),
         "mc/states_before_dedup": float(sum(map(len, state_B))),

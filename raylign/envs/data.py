@@ -61,6 +61,7 @@ def _load_local(path_text: str) -> list[dict[str, Any]]:
         raise DataError(f"{path_text}: file is empty (dataset.path)")
     import datasets  # after the cheap checks: its import alone takes about a second
 
+    datasets.disable_progress_bars()  # a file read is not a download: no progress lines on stderr
     try:
         if fmt is None:  # a local dataset folder
             return datasets.load_dataset(str(path), split="train").to_list()

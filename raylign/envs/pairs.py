@@ -60,12 +60,12 @@ def _first_non_object(path: Path) -> tuple[int, str] | None:
 def _records(path: str, split: str, limit: int | None) -> tuple[list[dict[str, Any]], str]:
     try:
         return load_records(DatasetConfig(path=path, split=split, limit=limit))
-    except DataError:
+    except DataError as e:
         # datasets' own error for a row that is not an object names no row; find it for the user.
         local = Path(path.replace("{split}", split)).expanduser()
         bad = _first_non_object(local) if local.suffix in (".json", ".jsonl") and local.is_file() else None
-        if bad is None:
-            raise
+        if bad is None:  # the same error, naming the field these files come from
+            raise DataError(str(e).replace("(dataset.path)", "(algorithm.data_path)")) from None
         raise _error(str(local), bad[0], "row", f"expected an object, got {bad[1]}") from None
 
 
@@ -194,14 +194,17 @@ def load_pairs(path: str, split: str = "train", limit: int | None = None) -> lis
 
     Rows: ``{prompt, chosen, rejected}`` with strings or TRL's conversational lists (chosen/rejected one
     assistant message each), or ``{chosen, rejected}`` full conversations whose shared messages are the
-    prompt. Optional ``system`` string, and ``scores_chosen`` / ``scores_rejected`` lists of numbers.
+    prompt. Optional ``system`` string, ``scores_chosen`` / ``scores_rejected`` lists of numbers, and
+    ``answer`` (the ground truth, for Monte Carlo step scores).
     """
     records, src = _records(path, split, limit)
     out = []
     for row, record in enumerate(records):
         prompt, chosen, rejected = _pair(record, src, row)
         scores = [_scores(record, key, src, row) for key in ("scores_chosen", "scores_rejected")]
-        out.append(Pair(f"{_stem(src)}-{split}-{row}", prompt, chosen, rejected, *scores, source=f"{src}:{row}"))
+        answer = record.get("answer")
+        out.append(Pair(f"{_stem(src)}-{split}-{row}", prompt, chosen, rejected, *scores, source=f"{src}:{row}",
+                        answer=None if answer is None else str(answer)))
     return out
 
 
@@ -414,7 +417,7 @@ def arith_pairs(env_cfg: EnvConfig, dataset_cfg: DatasetConfig, split: str, n: i
             delta = -delta
         rejected = _solve(plan, (step, delta))
         out.append(Pair(p.id, p.messages, "\n".join(chosen), "\n".join(rejected), (1.0,) * len(chosen),
-                        tuple(1.0 if i < step else 0.0 for i in range(len(rejected))), f"arith:{p.id}"))
+                        tuple(1.0 if i < step else 0.0 for i in range(len(rejected))), f"arith:{p.id}", p.answer))
     return out
 
 

@@ -74,8 +74,12 @@ DATA_SOURCES: dict[str, Callable] = {"prompts": _prompts, "examples": _examples,
 def data_issues(items: list, cfg: Config, tokenizer=None) -> list[RowIssue]:
     """Row-by-row problems of SFT examples or preference pairs (none for env prompts)."""
     if items and isinstance(items[0], Pair):
-        return validate_pairs(items, tokenizer, cfg.model.max_model_len if tokenizer else None,
-                              getattr(cfg.algorithm, "step_delimiter", "\n"))
+        issues = validate_pairs(items, tokenizer, cfg.model.max_model_len if tokenizer else None,
+                                getattr(cfg.algorithm, "step_delimiter", "\n"))
+        if getattr(cfg.algorithm, "step_scores", None) == "mc":
+            issues += [RowIssue(p.source, "answer", "missing: algorithm.step_scores=mc scores steps against the "
+                                "ground truth") for p in items if not p.answer]
+        return issues
     if items and isinstance(items[0], Example):
         return validate_examples(items, tokenizer, cfg.model.max_model_len if tokenizer else None)
     return []

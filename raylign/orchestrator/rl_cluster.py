@@ -15,6 +15,7 @@ from raylign.algorithms.registry import ALGORITHMS
 from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.envs.pairs import encode_response
+from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.metrics import PhaseTimer
@@ -48,6 +49,7 @@ class RayCluster:
         self.prompt_cache: dict[str, list[int]] = {}
         self.ref_cache: dict[tuple, list[float]] = {}
         self.ref_cache_tokens = 0
+        self.judge_tokens = 0
         self.step = 0  # the training step being run (set by the loop; fault hooks read it)
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
@@ -67,6 +69,14 @@ class RayCluster:
                 self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
             if self.needs_reference and cfg.trainer.ref_model == "actor":
                 self.reference = ReferenceClient(model_path, cfg.model, cfg.trainer, cfg.fault)
+            self.judge_pool, self.judge_tokenizer, self.judge_cache = None, tokenizer, {}
+            if algorithm.judge(cfg.algorithm):
+                self._start_judge()
+        self.base_dir = Path(cfg.output_dir or storage_dir) / "base_policy"
+        if algorithm.base_snapshot(cfg.algorithm) and not (self.base_dir / "COMPLETE").is_file():
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            self.trainer.save_checkpoint(str(self.base_dir))  # the initial weights, for reset_policy
+            (self.base_dir / "COMPLETE").write_text("")  # written last: a resume reuses only a whole snapshot
 
     def _start_trainer(self) -> TrainerGroup:
         cfg = self.cfg
@@ -75,6 +85,34 @@ class RayCluster:
                             total_steps=optimizer_steps, critic=self.critic,
                             reference=self.needs_reference and cfg.trainer.ref_model == "trainer",
                             command_timeout_s=cfg.fault.trainer_timeout_s)
+
+    def _start_judge(self) -> None:
+        """The judge: a frozen model (``algorithm.judge_model``, default the policy's) on one generator actor
+        of its own, never synced, answering greedily."""
+        name = self.cfg.algorithm.judge_model or self.cfg.model.name
+        path = resolve_model(self.cfg.model.model_copy(update={"name": name}))
+        if path != self.model_path:
+            self.judge_tokenizer = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
+        self.judge_pool = GeneratorPool(path, self.cfg.model, self.cfg.generator.model_copy(update={"num_replicas": 1}),
+                                        self.cfg.fault)
+
+    def judge(self, requests: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+        """Greedy judge answers, each distinct request asked once per run (the judge is frozen)."""
+        keys = [json.dumps(r, sort_keys=True) for r in requests]
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in self.judge_cache}.items(), key=lambda kv: kv[1])
+        if todo:
+            with self.timer.phase("judge"):
+                prompts = [encode_chat(self.judge_tokenizer, requests[i]) for _, i in todo]
+                spec = self.judge_pool.spec(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+                groups = self.judge_pool.generate(prompts, spec)
+            self.judge_tokens += sum(len(g[0].token_ids) for g in groups)
+            self.judge_cache.update({k: g[0].text for (k, _), g in zip(todo, groups, strict=True)})
+        return [self.judge_cache[k] for k in keys]
+
+    def reset_policy(self) -> None:
+        """Back to the initial weights and a fresh optimizer (saved at startup for algorithms that ask)."""
+        with self.timer.phase("reset_policy"):
+            self.trainer.load_checkpoint(str(self.base_dir))
 
     def restart_trainer(self) -> None:
         """Replace the trainer workers (dead, or stuck past their deadline) with a fresh group at the initial
@@ -89,7 +127,10 @@ class RayCluster:
         if self.rewards is None:  # no generators either
             tools = None
         pools = [self.generators, self.rewards, self.reference, tools]
-        return {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
+        out = {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
+        if self.judge_pool is not None:
+            out.update({k.replace("generator", "judge"): float(v) for k, v in self.judge_pool.fault_counters().items()})
+        return out
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
         for p in problems:
@@ -225,4 +266,6 @@ class RayCluster:
             self.rewards.shutdown()
         if self.reference is not None:
             self.reference.shutdown()
+        if self.judge_pool is not None:
+            self.judge_pool.shutdown()
         self.weights_path.unlink(missing_ok=True)

@@ -226,7 +226,8 @@ def test_failed_command_raises_with_worker_traceback_and_group_keeps_serving(gro
     with pytest.raises(TrainerCommandError, match=r"(?s)rank\(s\) 0, 1.*unknown loss_name 'nope'.*Traceback"):
         group.train_step(pg_batch(group, batch, [1.0] * 5), "nope", {})
     # Rank 1 has no sequence here and would wait in a reduce-scatter if only rank 0 found the missing field.
-    with pytest.raises(TrainerCommandError, match=r"loss 'policy_gradient': missing batch fields \['advantages_B', 'old_logprobs_B_T'\]"):
+    missing = r"loss 'policy_gradient': missing batch fields \['advantages_B', 'old_logprobs_B_T'\]"
+    with pytest.raises(TrainerCommandError, match=missing):
         group.train_step(TrainBatch([[1, 2]], [[3]], [[1]]), "policy_gradient", {})
     with pytest.raises(TrainerCommandError, match="empty prompt"):
         group.logprobs(TrainBatch([[]], [[1]], [[1]]))

@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: maximise log pi(response | prompt) on the response tokens only.
+
+Loss: the token mean of -log pi(y_t | x, y_<t) over the response tokens of the batch (``sft_loss``), the
+chat template applied to the prompt as at generation time, and the response followed by the end-of-turn
+token, so a fine-tuned model stops where the data does. Packing: each example becomes one sequence whose
+"prompt" is only its first token and whose completion is the rest of the prompt (loss mask 0) plus the
+response (loss mask 1); the trainer then packs many examples into one row with a block-diagonal mask, as
+it packs the samples of one prompt, so short examples don't pay for a long one's padding. Every example's
+tokens see exactly what they see unpacked (the shared first token is each example's own first token).
+The weights reach the generators lazily: before the next eval or generate, not after every step.
+"""
+
+from __future__ import annotations
+
+from raylign.algorithms.protocol import Cluster, StepOutput
+from raylign.types import Example, TrainBatch
+
+
+def supervised_batch(encoded: list[tuple[list[int], list[int]]]) -> TrainBatch:
+    """(prompt ids, response ids) pairs as packable sequences: first prompt token | rest of prompt + response."""
+    return TrainBatch(
+        prompt_ids=[p[:1] for p, _ in encoded],
+        completion_ids=[p[1:] + r for p, r in encoded],
+        loss_mask=[[0] * (len(p) - 1) + [1] * len(r) for p, r in encoded],
+    )
+
+
+def sft_step(cluster: Cluster, examples: list[Example], cfg, state: dict) -> StepOutput:
+    """encode -> one optimizer step on the response tokens -> mark the weights for the next sync."""
+    encoded = cluster.encode([e.prompt for e in examples], [e.response for e in examples])
+    metrics = cluster.train_step(supervised_batch(encoded), "sft", {}, 1)
+    metrics.update(cluster.sync_weights(lazy=True))
+    records = [{"example_id": e.id, "source": e.source, "response": e.response, "tokens": len(r)}
+               for e, (_, r) in zip(examples, encoded, strict=True)]
+    return StepOutput(metrics, records)
