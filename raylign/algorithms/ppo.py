@@ -7,7 +7,8 @@ delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, returns 
 clipped surrogate + vf_coef * clipped value loss - entropy_coef * entropy (``losses.ppo_loss``, PPO eq. 9).
 Defaults gamma = lam = 1.0 (VinePPO's PPO baseline; with a terminal-only reward A_t = R - V_t); the AutoDSPy
 seed uses gamma .99 / lam .95, InstructGPT-style RLHF (TRL) gamma 1 / lam .95: set algorithm.gamma / lam.
-Deviations and choices: values and old log-probs come from one trainer forward before the first update
+In tool-use episodes the actions are the policy's tokens (loss mask 1): the KL penalty and the final reward sit
+on them, and GAE runs over them only, skipping spliced tool output. Deviations and choices: values and old log-probs come from one trainer forward before the first update
 (old values are never refreshed between epochs); a response cut by the length limit is still treated as
 terminal (no bootstrap from V) and its reward is replaced by ``truncation_penalty``; KL always uses k1 in
 the reward (``kl_kind`` is for the GRPO-family loss term); advantages are whitened over the loss-mask tokens
@@ -44,10 +45,12 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
     kl_B_T = torch.zeros_like(values_B_T)
     if cfg.kl_beta > 0:
         ref_logprobs = cluster.logprobs(batch, which="ref")
-        kl_B_T = kl_estimate(pad_B_T(old_logprobs, T), pad_B_T(ref_logprobs, T), "k1") * valid_B_T
+        # the policy's own tokens only: tool output spliced into an episode is not an action
+        kl_B_T = kl_estimate(pad_B_T(old_logprobs, T), pad_B_T(ref_logprobs, T), "k1") * mask_B_T
         metrics["kl/reward_mean"] = kl_B_T.sum(-1).mean().item()
-    rewards_B_T = token_rewards(rewards_P_G.flatten(), valid_B_T, kl_B_T, cfg.kl_beta)
-    adv_B_T, returns_B_T = gae(rewards_B_T, values_B_T, valid_B_T, cfg.gamma, cfg.lam)
+    rewards_B_T = token_rewards(rewards_P_G.flatten(), mask_B_T, kl_B_T, cfg.kl_beta)
+    # GAE steps over the policy's tokens: gamma and lam discount once per action, never across tool output
+    adv_B_T, returns_B_T = gae(rewards_B_T, values_B_T, valid_B_T, cfg.gamma, cfg.lam, action_mask_B_T=mask_B_T)
     if cfg.whiten_advantages:
         adv_B_T = masked_whiten(adv_B_T, mask_B_T)
 
@@ -78,13 +81,14 @@ def penalize_truncated(scores: list[list[Score]], groups: list[list[Completion]]
 @torch.no_grad()
 def token_rewards(rewards_B: torch.Tensor, valid_B_T: torch.Tensor, kl_B_T: torch.Tensor,
                   kl_beta: float) -> torch.Tensor:
-    """Per-token rewards (B, T): -kl_beta * KL_t on every valid token, plus R on the last one; 0 on padding."""
+    """Per-token rewards (B, T): -kl_beta * KL_t on every action token (``valid_B_T``: 1 where the policy acted),
+    plus R on the last one; 0 elsewhere."""
     valid_B_T = valid_B_T.to(rewards_B.dtype)
-    lengths_B = valid_B_T.sum(-1).long()
     rewards_B_T = -kl_beta * kl_B_T.to(rewards_B.dtype) * valid_B_T
-    has_tokens_B = lengths_B > 0  # an empty completion has no token to carry its reward
+    has_tokens_B = valid_B_T.sum(-1) > 0  # an empty completion has no token to carry its reward
+    last_B = valid_B_T.shape[-1] - 1 - valid_B_T.flip(-1).argmax(-1)  # the last action, wherever the gaps are
     rows_B = torch.arange(len(rewards_B))[has_tokens_B]
-    rewards_B_T[rows_B, lengths_B[has_tokens_B] - 1] += rewards_B[has_tokens_B]
+    rewards_B_T[rows_B, last_B[has_tokens_B]] += rewards_B[has_tokens_B]
     return rewards_B_T
 
 

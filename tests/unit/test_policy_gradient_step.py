@@ -5,17 +5,18 @@ import pytest
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.config import ALGORITHM_CONFIGS
 
+from raylign.types import Completion, Problem, Score, TrainBatch
+
 
 def AlgorithmConfig(name: str = "grpo", **fields):
     return ALGORITHM_CONFIGS[name](**fields)
-from raylign.types import Problem, Score
-from raylign.types import Completion, TrainBatch
 
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1]]  # prompt 0: two right; prompt 1: no signal
 
 
 class FakeCluster:
     max_new_tokens = 64
+
     def __init__(self):
         self.calls: list[tuple] = []
         self.version = 0

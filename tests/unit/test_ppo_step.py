@@ -6,11 +6,11 @@ import torch
 from raylign.algorithms.ppo import ppo_step
 from raylign.config import ALGORITHM_CONFIGS
 
+from raylign.types import Completion, Problem, Score, TrainBatch
+
 
 def AlgorithmConfig(name: str = "grpo", **fields):
     return ALGORITHM_CONFIGS[name](**fields)
-from raylign.types import Problem, Score
-from raylign.types import Completion, TrainBatch
 
 # one prompt, two samples: a 3-token answer with reward 1, a 2-token one cut by the length limit (reward 0.3)
 COMPLETIONS = [([10, 11, 12], 1.0, "stop"), ([10, 13], 0.3, "length")]
@@ -19,6 +19,7 @@ VALUES = [[0.5, 0.6, 0.7], [0.4, 0.2]]
 
 class FakeCluster:
     max_new_tokens = 64
+
     def __init__(self):
         self.calls: list[tuple] = []
 
@@ -108,3 +109,28 @@ def test_whitened_advantages_have_zero_mean_unit_std_over_tokens():
     raw = torch.tensor([0.5, 0.4, 0.3, -0.4, -0.2], dtype=torch.float64)
     assert flat.tolist() == pytest.approx(((raw - 0.12) / (0.157 ** 0.5)).tolist(), abs=1e-6)
     assert calls[0][1].fields["returns_B_T"][0] == pytest.approx([1.0, 1.0, 1.0])  # returns stay raw
+
+
+class ToolEpisodeCluster(FakeCluster):
+    """One episode: policy tokens, two spliced tool-output tokens (loss mask 0), one more policy token."""
+
+    def generate(self, problems, n, temperature):
+        c = Completion(prompt_ids=[1, 2], token_ids=[10, 11, 90, 91, 12], text="1.0", logprobs=[-1.0] * 5,
+                       finish_reason="stop", loss_mask=[1, 1, 0, 0, 1])
+        return [[c] for _ in problems]
+
+    def values(self, batch):
+        return [[0.5, 0.6, 9.0, 9.0, 0.7]]  # the values at tool tokens must not enter GAE
+
+
+def test_kl_and_gae_skip_tool_output_tokens():
+    cluster = ToolEpisodeCluster()
+    ppo_step(cluster, PROBLEMS[:1], AlgorithmConfig("ppo", group_size=1, kl_beta=0.5, gamma=0.9, lam=0.8,
+                                                   whiten_advantages=False, truncation_penalty=None), {})
+    batch = next(c[1] for c in cluster.calls if c[0] == "train_step")
+    # k1 KL per policy token: -1.0 - (-1.2) = 0.2 -> reward -0.1 on each action, + R = 1 on the last action.
+    # actions: t0 (V .5), t1 (V .6), t4 (V .7, terminal). delta4 = 1 - 0.1 - 0.7 = 0.2;
+    # delta1 = -0.1 + 0.9 * 0.7 - 0.6 = -0.07; delta0 = -0.1 + 0.9 * 0.6 - 0.5 = -0.06
+    # A4 = 0.2; A1 = -0.07 + 0.72 * 0.2 = 0.074; A0 = -0.06 + 0.72 * 0.074 = -0.00672; tool tokens 0
+    assert batch.fields["advantages_B"][0] == pytest.approx([-0.00672, 0.074, 0.0, 0.0, 0.2])
+    assert batch.fields["returns_B_T"][0] == pytest.approx([0.49328, 0.674, 0.0, 0.0, 0.9])

@@ -6,11 +6,11 @@ import torch
 from raylign.algorithms.vineppo import mc_states, step_advantages, step_values, vineppo_step
 from raylign.config import ALGORITHM_CONFIGS
 
+from raylign.types import Completion, Problem, Score, TrainBatch
+
 
 def AlgorithmConfig(name: str = "grpo", **fields):
     return ALGORITHM_CONFIGS[name](**fields)
-from raylign.types import Problem, Score
-from raylign.types import Completion, TrainBatch
 
 PIECES = {20: "Add 2.", 21: "\n", 22: "Then 3.", 23: " So", 24: " 5", 25: "#1", 26: "#0", 27: "Guess"}
 PROMPTS = [[1, 2], [1, 3]]
@@ -32,6 +32,7 @@ def _reward(text):  # the env: the number after the last '#', 0 without one
 
 class FakeCluster:
     max_new_tokens = 64
+
     def __init__(self):
         self.calls: list[tuple] = []
 
