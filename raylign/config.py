@@ -257,7 +257,10 @@ ALGORITHM_CONFIGS: dict[str, type[_Section]] = {
 
 
 class TrainConfig(_Section):
-    steps: int = Field(20, ge=0, description="training steps (one batch of prompts each)")
+    steps: int = Field(20, ge=0, description="training steps of the algorithm (one batch of its data each)")
+    sft_warmup_steps: int = Field(0, ge=0, description="SFT steps before the algorithm's first step, in the same run (the optimizer carries on)")
+    sft_warmup_data: str | None = Field(None, description="SFT warm-up examples: jsonl/json/parquet or hub id; None: arith worked solutions")
+    sft_warmup_batch_size: int = Field(8, ge=1, description="SFT warm-up examples per step")
     eval_before: bool = Field(True, description="greedy eval on the held-out split before training")
     eval_after: bool = Field(True, description="greedy eval on the held-out split after training")
     eval_split: str = Field("test", description="held-out split for evals")
@@ -325,6 +328,11 @@ class Config(_Section):
                              f"{'are' if len(evals) > 1 else 'is'} on: raise the limit or turn the evals off")
         return self
 
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run: the SFT warm-up, then the algorithm's."""
+        return self.train.sft_warmup_steps + self.train.steps
+
     def resolved_output_dir(self) -> Path:
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -356,7 +364,7 @@ class Config(_Section):
         out.rag.index_dir = absolute(out.rag.index_dir)
         if out.model.cache_dir:
             out.model.cache_dir = absolute(out.model.cache_dir)
-        local_keys = [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path")]
+        local_keys = [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path"), (out.train, "sft_warmup_data")]
         local_keys += [(out.algorithm, k) for k in ("data_path", "judge_model") if k in type(out.algorithm).model_fields]
         for section, key in local_keys:
             if looks_local(getattr(section, key)):

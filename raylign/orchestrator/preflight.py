@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from raylign.config import Config, ConfigError
@@ -24,7 +24,8 @@ from raylign.orchestrator.checkpoint import MANIFEST, read_driver_state, verify_
 RESUME_FIXED = ["model.name", "trainer.num_workers", "algorithm.name", "algorithm.critic", "env.name",
                 "env.difficulty", "env.num_problems", "env.seed", "dataset.path", "dataset.limit",
                 "dataset.question_key", "dataset.question_template", "dataset.answer_key", "seed",
-                "algorithm.data_path", "algorithm.data_split", "algorithm.data_limit", "algorithm.skip_invalid"]
+                "algorithm.data_path", "algorithm.data_split", "algorithm.data_limit", "algorithm.skip_invalid",
+                "train.sft_warmup_steps", "train.sft_warmup_data", "train.sft_warmup_batch_size"]
 
 
 def data_source(cfg: Config, split: str) -> str:
@@ -47,14 +48,37 @@ def _prompts(env, cfg: Config) -> list[Problem]:
     return env.problems("train")
 
 
+def sft_examples(cfg: Config, path: str | None, split: str, limit: int | None, key: str) -> list[Example]:
+    """SFT examples from ``path``, or the arith env's worked solutions when it is None."""
+    if path:
+        return load_examples(path, split, limit)
+    if cfg.env.name != "arith":
+        raise ConfigError(f"{key} is needed with env.name={cfg.env.name} (only arith generates its own "
+                          "worked solutions)")
+    return arith_examples(cfg.env, cfg.dataset, split, limit or cfg.env.num_problems)
+
+
 def _examples(env, cfg: Config) -> list[Example]:
     algo = cfg.algorithm
-    if algo.data_path:
-        return load_examples(algo.data_path, algo.data_split, algo.data_limit)
-    if cfg.env.name != "arith":
-        raise ConfigError(f"algorithm.data_path is needed for {algo.name} with env.name={cfg.env.name} "
-                          "(only arith generates its own worked solutions)")
-    return arith_examples(cfg.env, cfg.dataset, algo.data_split, algo.data_limit or cfg.env.num_problems)
+    return sft_examples(cfg, algo.data_path, algo.data_split, algo.data_limit, "algorithm.data_path")
+
+
+def warmup_examples(cfg: Config) -> list[Example]:
+    """The SFT warm-up's examples (train.sft_warmup_steps), validated; [] without a warm-up."""
+    if not cfg.train.sft_warmup_steps:
+        return []
+    from raylign.algorithms.registry import ALGORITHMS
+
+    if ALGORITHMS[cfg.algorithm.name].reference(cfg.algorithm):
+        raise ConfigError(f"train.sft_warmup_steps with algorithm.name={cfg.algorithm.name}: its reference model "
+                          "would be the base model, not the warmed-up one; run the SFT as its own run and start "
+                          "this one from it (model.name=<sft run>/final_model)")
+    examples = sft_examples(cfg, cfg.train.sft_warmup_data, "train", None, "train.sft_warmup_data")
+    examples = require_problems(examples, cfg, "train", cfg.train.sft_warmup_batch_size,
+                                f"one SFT warm-up step (train.sft_warmup_batch_size={cfg.train.sft_warmup_batch_size})")
+    if issues := validate_examples(examples):
+        raise DataError(f"{len(issues)} invalid SFT warm-up examples; the first: {issues[0]}")
+    return examples
 
 
 def _pairs(env, cfg: Config) -> list[Pair]:
@@ -92,10 +116,8 @@ def checked_items(items: list, cfg: Config, tokenizer=None) -> tuple[list, int]:
     if not issues:
         return items, 0
     if not getattr(cfg.algorithm, "skip_invalid", False):
-        shown = "\n  ".join(str(i) for i in issues[:5])
-        more = f"\n  ... and {len(issues) - 5} more" if len(issues) > 5 else ""
-        raise DataError(f"{len({i.source for i in issues})} invalid rows in the training data "
-                        f"(raylign data validate lists them all; --skip-invalid drops them):\n  {shown}{more}")
+        raise DataError(f"{len({i.source for i in issues})} invalid rows in the training data, the first: {issues[0]} "
+                        "(`raylign data validate CONFIG` lists them all; --skip-invalid drops them)")
     bad = {i.source for i in issues}
     return [x for x in items if x.source not in bad], len(bad)
 
@@ -107,9 +129,9 @@ def training_problems(env, cfg: Config) -> tuple[list, list[Problem]]:
 
     per_step = cfg.algorithm.items_per_step
     source = ALGORITHMS[cfg.algorithm.name].data
-    field = "prompts_per_step" if source == "prompts" else "batch_size"
+    key = "prompts_per_step" if source == "prompts" else "batch_size"
     train = require_problems(DATA_SOURCES[source](env, cfg), cfg, "train", per_step,
-                             f"one training step (algorithm.{field}={per_step})")
+                             f"one training step (algorithm.{key}={per_step})")
     evals: list[Problem] = []
     if cfg.train.eval_before or cfg.train.eval_after:
         evals = require_problems(env.problems(cfg.train.eval_split), cfg, cfg.train.eval_split, 1,
@@ -144,8 +166,9 @@ def resume_point(cfg: Config, out_dir: Path) -> tuple[Path | None, dict]:
         if saved and _get(saved, dotted) != _get(now, dotted):
             raise ConfigError(f"--resume from {ckpt}: it was written with {dotted}={_get(saved, dotted)!r}, this run "
                               f"has {dotted}={_get(now, dotted)!r}; put it back or use a new output_dir")
-    if state["step"] > cfg.train.steps:
-        raise ConfigError(f"--resume from {ckpt}: it is at step {state['step']}, past train.steps={cfg.train.steps}")
+    if state["step"] > cfg.total_steps:
+        raise ConfigError(f"--resume from {ckpt}: it is at step {state['step']}, past train.steps={cfg.train.steps}"
+                          + (f" + train.sft_warmup_steps={cfg.train.sft_warmup_steps}" if cfg.train.sft_warmup_steps else ""))
     return ckpt, state
 
 
@@ -160,6 +183,7 @@ class TrainingPlan:
     ckpt: Path | None
     state: dict
     skipped_rows: int = 0  # invalid examples or pairs dropped (algorithm.skip_invalid)
+    warmup: list = field(default_factory=list)  # SFT warm-up examples (train.sft_warmup_steps)
 
 
 def plan_training(cfg: Config) -> TrainingPlan:
@@ -167,8 +191,9 @@ def plan_training(cfg: Config) -> TrainingPlan:
     cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
     train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
     train, skipped = checked_items(train, cfg)  # the token-length checks follow once the tokenizer is loaded
+    warmup = warmup_examples(cfg)
     ckpt, state = resume_point(cfg, Path(cfg.output_dir))
-    return TrainingPlan(cfg, train, evals, ckpt, state, skipped)
+    return TrainingPlan(cfg, train, evals, ckpt, state, skipped, warmup)
 
 
 def plan_eval(cfg: Config) -> tuple[Config, list[Problem]]:

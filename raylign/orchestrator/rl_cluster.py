@@ -80,7 +80,8 @@ class RayCluster:
 
     def _start_trainer(self) -> TrainerGroup:
         cfg = self.cfg
-        optimizer_steps = cfg.train.steps * getattr(cfg.algorithm, "epochs", 1) * getattr(cfg.algorithm, "minibatches", 1)
+        per_step = getattr(cfg.algorithm, "epochs", 1) * getattr(cfg.algorithm, "minibatches", 1)
+        optimizer_steps = cfg.train.steps * per_step + cfg.train.sft_warmup_steps
         return TrainerGroup(self.model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=self.storage_dir,
                             total_steps=optimizer_steps, critic=self.critic,
                             reference=self.needs_reference and cfg.trainer.ref_model == "trainer",

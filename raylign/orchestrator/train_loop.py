@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from raylign.algorithms.registry import ALGORITHMS
-from raylign.config import Config
+from raylign.config import ALGORITHM_CONFIGS, Config
 from raylign.types import Problem
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
@@ -96,7 +96,8 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
             if on_phase is not None:
                 cluster.timer.on_enter = lambda name: on_phase(name, cluster.step, cluster)
             try:
-                summary = TrainingRun(cfg, cluster, train_items, plan.eval_problems, tracker, out_dir).run(ckpt, state)
+                run = TrainingRun(cfg, cluster, train_items, plan.eval_problems, tracker, out_dir, plan.warmup)
+                summary = run.run(ckpt, state)
                 summary["data/skipped_rows"] = skipped
             finally:
                 cluster.shutdown()
@@ -114,11 +115,14 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
 class TrainingRun:
     """The step loop's state (prompt stream, algorithm state, evals, timing, fault counts) and its recovery."""
 
-    def __init__(self, cfg: Config, cluster: RayCluster, train_problems: list[Problem], eval_problems: list[Problem],
-                 tracker: Tracker, out_dir: Path):
+    def __init__(self, cfg: Config, cluster: RayCluster, train_problems: list, eval_problems: list[Problem],
+                 tracker: Tracker, out_dir: Path, warmup: list | None = None):
         self.cfg, self.cluster, self.tracker, self.out_dir = cfg, cluster, tracker, out_dir
-        self.train_problems, self.eval_problems = train_problems, eval_problems
+        self.train_problems, self.eval_problems, self.warmup = train_problems, eval_problems, warmup or []
+        self.total = cfg.total_steps
         self.stream = PromptStream(train_problems, cfg.algorithm.items_per_step, cfg.seed)
+        self.warmup_stream = PromptStream(self.warmup, cfg.train.sft_warmup_batch_size, cfg.seed)
+        self.warmup_cfg = ALGORITHM_CONFIGS["sft"](batch_size=cfg.train.sft_warmup_batch_size)
         self.algo_state: dict = {}
         self.evals: dict = {}
         self.timing: dict[str, float] = {}
@@ -128,7 +132,7 @@ class TrainingRun:
 
     def run(self, ckpt: Path | None, state: dict) -> dict:
         step = state.get("step", 0)
-        self.bar = tqdm(total=self.cfg.train.steps, desc="train", unit="step", initial=step)
+        self.bar = tqdm(total=self.total, desc="train", unit="step", initial=step)
         started, failure = False, None
         while True:
             try:
@@ -137,7 +141,7 @@ class TrainingRun:
                 elif not started:
                     step = self.restore(ckpt, state) if ckpt else self.begin()
                 started = True
-                while step < self.cfg.train.steps:
+                while step < self.total:
                     self.step(step)
                     step += 1
                     self.maybe_checkpoint(step)
@@ -159,6 +163,8 @@ class TrainingRun:
         """Load a complete checkpoint into the trainer, the generators and this loop; returns its step."""
         self.cluster.trainer.load_checkpoint(str(ckpt))
         self.stream.load_state_dict(state["data"])
+        if "warmup_data" in state:
+            self.warmup_stream.load_state_dict(state["warmup_data"])
         self.algo_state = copy.deepcopy(state.get("algorithm", {}))
         self.evals = {**state.get("evals", {}), **self.evals}
         self.timing = {**state.get("timing", {}), **self.timing}
@@ -180,6 +186,7 @@ class TrainingRun:
         self.cluster.restart_trainer()
         if ckpt is None:  # nothing saved yet: the fresh workers hold the initial weights
             self.stream = PromptStream(self.train_problems, self.cfg.algorithm.items_per_step, self.cfg.seed)
+            self.warmup_stream = PromptStream(self.warmup, self.cfg.train.sft_warmup_batch_size, self.cfg.seed)
             self.algo_state = {}
             self.cluster.push_weights(0)
             _trim_rollouts(self.rollouts, 0)
@@ -194,12 +201,17 @@ class TrainingRun:
 
     def step(self, step: int) -> None:
         cluster, cfg = self.cluster, self.cfg
-        algorithm = ALGORITHMS[cfg.algorithm.name]
-        items = self.stream.next()
+        warming = step < cfg.train.sft_warmup_steps  # the SFT warm-up comes first, in the same run
+        name = "sft" if warming else cfg.algorithm.name
+        algorithm = ALGORITHMS[name]
+        items = (self.warmup_stream if warming else self.stream).next()
         cluster.step = step + 1
         cluster.reseed(step)
         step_start, tokens_before = time.perf_counter(), cluster.tokens_generated
-        out = algorithm.step(cluster, items, cfg.algorithm, self.algo_state)
+        if warming:
+            out = algorithm.step(cluster, items, self.warmup_cfg, {})
+        else:
+            out = algorithm.step(cluster, items, cfg.algorithm, self.algo_state)
         step_s = time.perf_counter() - step_start
         phases = cluster.timer.pop()
         for k, v in phases.items():
@@ -210,9 +222,9 @@ class TrainingRun:
         self.tracker.log_metrics(metrics, step=step + 1)
         with self.rollouts.open("a") as f:
             for r in out.records:
-                f.write(json.dumps({"step": step + 1, **r}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"step": step + 1, "algorithm": name, **r}, ensure_ascii=False) + "\n")
         shown = {k.split("/")[-1]: metrics[k] for k in algorithm.headline if k in metrics}
-        log.info("step %d/%d: %s, %.1f s", step + 1, cfg.train.steps,
+        log.info("step %d/%d (%s): %s, %.1f s", step + 1, self.total, name,
                  ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), step_s)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
@@ -222,12 +234,13 @@ class TrainingRun:
 
     def maybe_checkpoint(self, step: int) -> Path | None:
         every = checkpoint_every(self.cfg)
-        if every and step % every == 0 and step < self.cfg.train.steps:
+        if every and step % every == 0 and step < self.total:
             return self.save(step)
         return None
 
     def save(self, step: int) -> Path:
         state = {"policy_version": self.cluster.version, "data": self.stream.state_dict(),
+                 "warmup_data": self.warmup_stream.state_dict(),
                  "algorithm": self.algo_state, "mlflow_run_id": self.tracker.run_id, "evals": self.evals,
                  "tokens_generated": self.cluster.tokens_generated, "timing": self.timing,
                  "config": self.cfg.model_dump(mode="json")}
@@ -238,17 +251,17 @@ class TrainingRun:
 
     def finish(self) -> dict:
         cfg, cluster = self.cfg, self.cluster
-        final_ckpt = self.save(cfg.train.steps)
+        final_ckpt = self.save(self.total)
         final_model = self.out_dir / "final_model"
         cluster.trainer.export_hf(str(final_model))
         if cfg.train.eval_after:
             self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
-            self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=cfg.train.steps)
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=self.total)
         for k, v in cluster.timer.pop().items():
             self.timing[k] = self.timing.get(k, 0.0) + v
         faults = self.fault_counters()
-        self.tracker.log_metrics(faults, step=cfg.train.steps)
-        return {"steps": cfg.train.steps, "algorithm": cfg.algorithm.name, "model": cfg.model.name, **self.evals,
+        self.tracker.log_metrics(faults, step=self.total)
+        return {"steps": self.total, "sft_warmup_steps": cfg.train.sft_warmup_steps, "algorithm": cfg.algorithm.name, "model": cfg.model.name, **self.evals,
                 "timing": {k.removeprefix("timing/"): v for k, v in self.timing.items()},
                 "tokens_generated": cluster.tokens_generated, "policy_version": cluster.version,
                 "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),

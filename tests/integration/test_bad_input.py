@@ -85,3 +85,25 @@ def test_resume_from_a_tampered_or_truncated_checkpoint(tmp_path):
     line, _ = _fails(tmp_path, *resume)
     assert line == (f"raylign: CheckpointError: checkpoint {ckpt}: trainer_model.safetensors has 1000 bytes, the "
                     "manifest lists 4096 (truncated or rewritten)")
+
+
+def test_pair_validation_lists_bad_rows_and_training_refuses_them(tmp_path):
+    rows = ['{"prompt": "What is 2+2?", "chosen": "4", "rejected": "4"}',
+            '{"prompt": "", "chosen": "a", "rejected": "b"}',
+            '{"prompt": "x", "chosen": "a\\nb", "rejected": "c", "scores_chosen": [1.0, 1.0], "scores_rejected": [2.0]}',
+            '{"prompt": "ok", "chosen": "yes", "rejected": "no"}']
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    args = [str(ROOT / "configs/dpo_arith.yaml"), "algorithm.data_path=pairs.jsonl", "algorithm.batch_size=1",
+            "model.name=tiny-random-llama"]
+    proc = subprocess.run([sys.executable, "-m", "raylign", "data", "validate", *args], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    src = tmp_path / "pairs.jsonl"
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [f"{src}:0: rejected: identical to chosen", f"{src}:1: prompt: empty",
+                                        f"{src}:2: scores_rejected: 1 score(s) not finite or outside [0, 1], first 2.0",
+                                        "3 of 4 pairs invalid (3 problems)"]
+    line, _ = _fails(tmp_path, "train", *args)
+    assert line == (f"raylign: DataError: 3 invalid rows in the training data, the first: {src}:0: rejected: identical "
+                    "to chosen (`raylign data validate CONFIG` lists them all; --skip-invalid drops them)")
+    line, _ = _fails(tmp_path, "train", str(ROOT / "configs/dpo_arith.yaml"), "algorithm.data_path=missing.jsonl")
+    assert line == f"raylign: DataError: {tmp_path / 'missing.jsonl'}: file not found (algorithm.data_path)"

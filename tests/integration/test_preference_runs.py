@@ -12,7 +12,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 import raylign
-from tests.integration.helpers import tiny_config, vowel_reward
+from raylign.config import load_config
+from tests.integration.helpers import vowel_reward
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -58,9 +59,10 @@ def test_sft_then_dpo_from_its_model(tmp_path):
 
 
 def test_online_dpo_positive_pairs_correct_with_incorrect(ray_session, tiny_model, tmp_path):
-    cfg = tiny_config(tiny_model, tmp_path, "algorithm.name=online_dpo", "algorithm.group_size=4",
-                      "algorithm.prompts_per_step=2", "algorithm.pairs_per_prompt=2", "train.steps=2",
-                      "train.eval_before=false", "train.eval_after=false", f"output_dir={tmp_path}/run")
+    cfg = load_config(ROOT / "configs/online_dpo_arith.yaml", [
+        f"model.name={tiny_model}", *[s for s in SMALL if not s.startswith("tracking")], f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "algorithm.group_size=4",
+        "algorithm.prompts_per_step=2", "algorithm.pairs_per_prompt=2", "train.steps=2", "train.eval_before=false",
+        "train.eval_after=false", f"output_dir={tmp_path}/run"], environ={})
     summary = raylign.train(cfg, reward_fn=vowel_reward)
     rows = [json.loads(line) for line in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4
@@ -73,3 +75,62 @@ def test_online_dpo_positive_pairs_correct_with_incorrect(ray_session, tiny_mode
                                                        sum(not r["correct"] for r in group))
             assert all(r["correct"] for r in chosen) and not any(r["correct"] for r in rejected)
     assert summary["policy_version"] >= 1 and summary["algorithm"] == "online_dpo"
+
+
+def _api_config(preset: str, tiny_model: str, tmp_path: Path, *extra: str):
+    small = [s for s in SMALL if not s.startswith("tracking")]
+    return load_config(ROOT / "configs" / preset, [f"model.name={tiny_model}", *small, "train.eval_before=false",
+                                                   "train.eval_after=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                                   f"output_dir={tmp_path}/run", *extra], environ={})
+
+
+def _rows(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
+
+
+def test_stepwise_dpo_with_monte_carlo_scores(ray_session, tiny_model, tmp_path):
+    cfg = _api_config("step_dpo_mc_arith.yaml", tiny_model, tmp_path, "env.difficulty=2", "algorithm.batch_size=2",
+                      "algorithm.mc_rollouts=2", "train.steps=2")
+    summary = raylign.train(cfg)
+    rows = _rows(tmp_path)
+    assert len(rows) == 4 and summary["timing"]["mc_rollouts"] > 0 and "generate" not in summary["timing"]
+    for r in rows:  # one score per step (line) of each response, each a success rate of 2 continuations
+        assert len(r["scores_chosen"]) == len([s for s in r["chosen"].split("\n") if s.strip()])
+        assert all(s in (0.0, 0.5, 1.0) for s in r["scores_chosen"] + r["scores_rejected"])
+        assert r["scores_rejected"][-1] == 0.0  # the last step scores the response itself: the slip is wrong
+
+
+def test_stepwise_dpo_with_an_llm_judge(ray_session, tiny_model, tmp_path):
+    cfg = _api_config("step_dpo_judge_arith.yaml", tiny_model, tmp_path, "algorithm.batch_size=2",
+                      "algorithm.judge_max_new_tokens=6", "train.steps=1")
+    summary = raylign.train(cfg)
+    rows = _rows(tmp_path)
+    steps = sum(len(r[k]) for r in rows for k in ("scores_chosen", "scores_rejected"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics["judge/requests"] == steps > 0 and summary["timing"]["judge"] > 0
+    # random weights cannot write "Score: N": every verdict is unparseable, scored 0 and counted
+    assert metrics["judge/unparseable"] == steps and all(s == 0.0 for r in rows for s in r["scores_chosen"])
+
+
+def test_restem_restarts_from_base_and_sft_warmup_precedes_grpo(ray_session, tiny_model, tmp_path):
+    cfg = _api_config("restem_arith.yaml", tiny_model, tmp_path, "algorithm.group_size=4", "algorithm.prompts_per_step=2",
+                      "algorithm.batch_size=4", "algorithm.restart_from_base=true", "train.steps=2")
+    summary = raylign.train(cfg, reward_fn=vowel_reward)
+    rows = _rows(tmp_path)
+    kept = [r for r in rows if r["kept"]]
+    assert kept and all(r["correct"] for r in kept) and (tmp_path / "run/base_policy/COMPLETE").is_file()
+    assert summary["timing"]["reset_policy"] > 0  # the second iteration started again from the base weights
+
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    cfg = load_config(ROOT / "configs/grpo_arith.yaml", [
+        f"model.name={tiny_model}", *[s for s in SMALL if not s.startswith("tracking")], "algorithm.prompts_per_step=2",
+        "algorithm.group_size=2", "train.sft_warmup_steps=2", "train.sft_warmup_batch_size=4", "train.steps=1",
+        "train.eval_before=false", "train.eval_after=false", f"tracking.uri=sqlite:///{warm}/mlflow.db",
+        f"output_dir={warm}/run"], environ={})
+    summary = raylign.train(cfg, reward_fn=vowel_reward)
+    rows = [json.loads(line) for line in (warm / "run/rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["algorithm"]) for r in rows if "sample" not in r] == [(1, "sft")] * 4 + [(2, "sft")] * 4
+    assert {r["algorithm"] for r in rows if r["step"] == 3} == {"grpo"} and summary["steps"] == 3
+    assert summary["policy_version"] == 3
