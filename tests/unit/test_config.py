@@ -91,3 +91,29 @@ def test_default_output_dir_uses_name():
 def test_every_preset_validates(preset):
     cfg = load_config(preset, environ={})
     assert cfg.name
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["algorithm.name=dpo", "algorithm.group_size=4"],
+     "override 'algorithm.group_size=4': unknown key 'algorithm.group_size' for algorithm.name=dpo (a field of "
+     "grpo, online_dpo, ppo, reinforce, restem, rloo, vineppo)"),
+    (["algorithm.name=sgd"], "override 'algorithm.name=sgd': field 'algorithm.name': unknown algorithm 'sgd'; "
+     "expected one of grpo, rloo, reinforce, ppo, vineppo, sft, dpo, online_dpo, step_dpo, restem"),
+    (["algorithm.name=dpo", "algorithm.beta=0"],
+     "override 'algorithm.beta=0': field 'algorithm.beta': Input should be greater than 0 (got 0)"),
+])
+def test_each_algorithm_has_its_own_section(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides, environ={})
+    assert str(info.value) == expected
+
+
+def test_algorithm_section_defaults_to_grpo_and_round_trips_by_name(tmp_path):
+    cfg = load_config(None, ["algorithm.group_size=3"], environ={})
+    assert cfg.algorithm.name == "grpo" and cfg.algorithm.group_size == 3
+    dpo = load_config(None, ["algorithm.name=dpo", "algorithm.loss_type=dpop"], environ={})
+    assert type(dpo.algorithm).__name__ == "DpoConfig" and dpo.algorithm.items_per_step == dpo.algorithm.batch_size
+    dpo.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml", environ={}).algorithm == dpo.algorithm
+    docs = config_fields()
+    assert docs["algorithm.beta"].endswith("[dpo, online_dpo, step_dpo]") and "algorithm.mc_rollouts" in docs
