@@ -9,6 +9,7 @@ default) and loaded by each replica: one remote call per replica, not one per pa
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 
 from raylign.algorithms.registry import ALGORITHMS
@@ -25,7 +26,7 @@ from raylign.orchestrator.trainer_group import TrainerGroup
 from raylign.types import Completion, Problem, Score, TrainBatch
 
 
-REF_CACHE_TOKENS = 20_000_000  # ~ 160 MB of Python floats at most
+REF_CACHE_TOKENS = 5_000_000
 
 
 class RayCluster:
@@ -56,6 +57,7 @@ class RayCluster:
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         algorithm = ALGORITHMS[cfg.algorithm.name]
         self.needs_reference = algorithm.reference(cfg.algorithm)
+        self.cache_ref = algorithm.data != "prompts"
         self.critic = algorithm.critic(cfg.algorithm)
         evals = cfg.train.eval_before or cfg.train.eval_after
         self.generators = self.rewards = self.rollouts = self.reference = None
@@ -195,9 +197,14 @@ class RayCluster:
             return self.trainer.logprobs(batch, which=which)
 
     def _ref_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """The frozen reference's log-probs, each sequence computed once per run (offline DPO revisits its
-        pairs every epoch): cached by (prompt, completion, temperature) up to REF_CACHE_TOKENS tokens."""
-        keys = [(tuple(p), tuple(c), batch.temperature) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        """The frozen reference's log-probs. Algorithms that revisit a dataset (offline DPO, every epoch) get
+        each sequence computed once per run: cached by (temperature, prompt, completion) up to REF_CACHE_TOKENS
+        tokens (about 12 bytes each). Fresh samples (GRPO's KL, online DPO) are never seen twice: not cached."""
+        if not self.cache_ref:
+            with self.timer.phase("ref_logprobs"):
+                return self.reference.logprobs(batch) if self.reference is not None else self.trainer.logprobs(batch, "ref")
+        keys = [(batch.temperature, len(p), array("l", p + c).tobytes())
+                for p, c in zip(batch.prompt_ids, batch.completion_ids)]
         todo = sorted({i for i, k in enumerate(keys) if k not in self.ref_cache})
         if todo:
             with self.timer.phase("ref_logprobs"):
@@ -207,12 +214,12 @@ class RayCluster:
                 got = self.reference.logprobs(sub) if self.reference is not None else self.trainer.logprobs(sub, "ref")
             for i, lp in zip(todo, got, strict=True):
                 if self.ref_cache_tokens < REF_CACHE_TOKENS:
-                    self.ref_cache[keys[i]] = lp
+                    self.ref_cache[keys[i]] = array("f", lp)
                     self.ref_cache_tokens += len(lp)
             fresh = dict(zip(todo, got))
         else:
             fresh = {}
-        return [fresh[i] if i in fresh else self.ref_cache[k] for i, k in enumerate(keys)]
+        return [fresh[i] if i in fresh else self.ref_cache[k].tolist() for i, k in enumerate(keys)]
 
     def train_step(self, batch: TrainBatch, loss_name: str, loss_kwargs: dict, minibatches: int = 1) -> dict[str, float]:
         with self.timer.phase("train"):

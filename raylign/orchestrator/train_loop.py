@@ -202,16 +202,15 @@ class TrainingRun:
     def step(self, step: int) -> None:
         cluster, cfg = self.cluster, self.cfg
         warming = step < cfg.train.sft_warmup_steps  # the SFT warm-up comes first, in the same run
-        name = "sft" if warming else cfg.algorithm.name
+        algo_cfg, stream, state = ((self.warmup_cfg, self.warmup_stream, {}) if warming
+                                   else (cfg.algorithm, self.stream, self.algo_state))
+        name = algo_cfg.name
         algorithm = ALGORITHMS[name]
-        items = (self.warmup_stream if warming else self.stream).next()
+        items = stream.next()
         cluster.step = step + 1
         cluster.reseed(step)
         step_start, tokens_before = time.perf_counter(), cluster.tokens_generated
-        if warming:
-            out = algorithm.step(cluster, items, self.warmup_cfg, {})
-        else:
-            out = algorithm.step(cluster, items, cfg.algorithm, self.algo_state)
+        out = algorithm.step(cluster, items, algo_cfg, state)
         step_s = time.perf_counter() - step_start
         phases = cluster.timer.pop()
         for k, v in phases.items():

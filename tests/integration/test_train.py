@@ -18,6 +18,7 @@ from raylign.envs import make_env
 from raylign.models import load_hf_model, load_tokenizer
 from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.rl_cluster import RayCluster
+from raylign.orchestrator.trainer_group import TrainerCommandError
 from tests.integration.helpers import tiny_config, vowel_reward
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,14 @@ def test_generator_logprobs_match_trainer_after_sync(cluster):
 
 def test_kl_to_a_reference_in_its_own_actor(cluster, tiny_model):
     cfg, rc = cluster
-    rc.reference = ReferenceClient(tiny_model, cfg.model, cfg.trainer, cfg.fault)
     problems = make_env(cfg.env, cfg.dataset).problems("train")[:2]
     groups = rc.generate(problems, n=3, temperature=1.0)  # 3 samples of one prompt share a packed row
     batch = completions_batch(groups)
+    # GRPO with kl_beta=0 needs no reference: none was loaded into the trainer workers
+    assert rc.needs_reference is False and rc.reference is None
+    with pytest.raises(TrainerCommandError, match="no reference model in the trainer"):
+        rc.trainer.logprobs(batch, which="ref")
+    rc.reference = ReferenceClient(tiny_model, cfg.model, cfg.trainer, cfg.fault)
     ref_logprobs = rc.logprobs(batch, which="ref")
     hf = load_hf_model(tiny_model, "bfloat16").eval()
     with torch.no_grad():
