@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -251,9 +251,9 @@ AlgorithmConfig = Annotated[
     | OnlineDpoConfig | StepDpoConfig | RestEmConfig,
     Field(discriminator="name"),
 ]
+# algorithm.name -> its section, read off the union (a new algorithm's section is added there only)
 ALGORITHM_CONFIGS: dict[str, type[_Section]] = {
-    c.model_fields["name"].default: c for c in (GrpoConfig, RlooConfig, ReinforceConfig, PpoConfig, VinePpoConfig,
-                                                SftConfig, DpoConfig, OnlineDpoConfig, StepDpoConfig, RestEmConfig)}
+    c.model_fields["name"].default: c for c in get_args(get_args(AlgorithmConfig)[0])}
 
 
 class TrainConfig(_Section):
