@@ -10,8 +10,9 @@ character falls in (the end-of-turn token to the last step). Scores come from (`
 - ``data``: the pairs' ``scores_chosen`` / ``scores_rejected`` (one per step or per token); a pair without
   them is plain DPO (chosen 1, rejected 0);
 - ``mc``: Monte Carlo, as Math-Shepherd (Wang et al. 2024) but from the current policy: a step's score is the
-  success rate of K continuations from the prefix that ends with it (VinePPO's deduplicated
-  ``continue_from`` batch, ``vineppo.mc_rewards``); the last step scores the response's own reward. Needs
+  success rate (share judged correct by the env) of K continuations from the prefix that ends with it
+  (VinePPO's deduplicated ``continue_from`` batch, ``vineppo.mc_rewards``); the last step scores whether the
+  response itself is correct. Needs
   the pairs' ground truth (``Pair.answer``) and the env's reward;
 - ``judge``: a frozen judge model on its own generator actor scores each step from a prompt template
   (``envs.judge.STEP_TEMPLATE``); an unparseable verdict scores 0 and is counted (``judge/unparseable``).
@@ -87,11 +88,11 @@ def _mc_scores(cluster, pairs, batch, pieces_B, ends_B, spans_B, cfg):
     owned_B, boundaries_B = zip(*(step_boundaries(e, s) for e, s in zip(ends_B, spans_B, strict=True)))
     prefixes_S, state_B = mc_states(batch.prompt_ids, batch.completion_ids, list(boundaries_B))
     rewards_S_K, metrics = mc_rewards(cluster, problem_B, prefixes_S, state_B, pieces_B, list(boundaries_B),
-                                      cfg.mc_rollouts, cfg.mc_temperature)
+                                      cfg.mc_rollouts, cfg.mc_temperature, success=True)
     values_B = step_values(rewards_S_K, state_B)
     full = [Completion(p, c, "".join(pieces), [], "stop")
             for p, c, pieces in zip(batch.prompt_ids, batch.completion_ids, pieces_B, strict=True)]
-    own = [s.reward for g in cluster.score(problem_B, [[c] for c in full]) for s in g]
+    own = [float(s.correct) for g in cluster.score(problem_B, [[c] for c in full]) for s in g]
     # a step's score: the value of the state it ends in; the last step ends the response (its own reward).
     # A step that owns no token (one token spans it) keeps 0: no token carries its weight.
     scores_B = []

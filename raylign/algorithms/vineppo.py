@@ -123,8 +123,10 @@ def _starts(ends: list[int]) -> list[int]:
 
 
 def mc_rewards(cluster: Cluster, problem_B: list[Problem], prefixes_S, state_B, pieces_B, boundaries_B, K: int,
-               temperature: float, max_new_tokens: int | None = None, truncation_penalty: float | None = None):
-    """Score K continuations of every unique state in one continue_from and one score call: (S, K) rewards.
+               temperature: float, max_new_tokens: int | None = None, truncation_penalty: float | None = None,
+               success: bool = False):
+    """Score K continuations of every unique state in one continue_from and one score call: (S, K) rewards
+    (with ``success``: 1.0 for a correct continuation, else 0.0, so a state's mean is its success rate).
 
     ``problem_B[i]`` is the problem sequence i answers (it scores every continuation of a state i reaches
     first); ``pieces_B`` the text of each completion token (the partial response is scored with them)."""
@@ -140,7 +142,10 @@ def mc_rewards(cluster: Cluster, problem_B: list[Problem], prefixes_S, state_B, 
     groups_S = [[replace(c, text="".join(pieces_B[i][:start]) + c.text) for c in conts_S_K[s]]
                 for s, (i, start) in sorted(origin_S.items())]
     scores_S = cluster.score([problem_B[i] for _, (i, _) in sorted(origin_S.items())], groups_S)
-    rewards_S_K = penalize_truncated(scores_S, conts_S_K, truncation_penalty)
+    if success:
+        rewards_S_K = torch.tensor([[float(s.correct) for s in g] for g in scores_S], dtype=torch.float64)
+    else:
+        rewards_S_K = penalize_truncated(scores_S, conts_S_K, truncation_penalty)
     metrics = {
         "mc/states": float(len(prefixes_S)),
         "mc/states_before_dedup": float(sum(map(len, state_B))),

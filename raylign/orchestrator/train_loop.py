@@ -260,9 +260,11 @@ class TrainingRun:
             self.timing[k] = self.timing.get(k, 0.0) + v
         faults = self.fault_counters()
         self.tracker.log_metrics(faults, step=self.total)
-        return {"steps": self.total, "sft_warmup_steps": cfg.train.sft_warmup_steps, "algorithm": cfg.algorithm.name, "model": cfg.model.name, **self.evals,
+        return {"steps": self.total, "sft_warmup_steps": cfg.train.sft_warmup_steps, "algorithm": cfg.algorithm.name,
+                "model": cfg.model.name, **self.evals,
                 "timing": {k.removeprefix("timing/"): v for k, v in self.timing.items()},
-                "tokens_generated": cluster.tokens_generated, "policy_version": cluster.version,
+                "tokens_generated": cluster.tokens_generated, "mc_tokens": cluster.mc_tokens,
+                "judge_tokens": cluster.judge_tokens, "policy_version": cluster.version,
                 "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),
                 "final_checkpoint": str(final_ckpt), "rollouts": str(self.rollouts),
-                "reward_events": cluster.rewards.counters(), "faults": faults}
+                "reward_events": cluster.rewards.counters() if cluster.rewards is not None else {}, "faults": faults}
