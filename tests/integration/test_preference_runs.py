@@ -9,10 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 import raylign
-from raylign.config import load_config
+from raylign.algorithms.dpo import online_dpo_step
+from raylign.algorithms.restem import restem_step
+from raylign.algorithms.step_dpo import step_dpo_step
+from raylign.config import ALGORITHM_CONFIGS, load_config
+from raylign.envs import make_env
+from raylign.envs.pairs import arith_pairs
+from raylign.models import load_tokenizer
+from raylign.orchestrator.rl_cluster import RayCluster
 from tests.integration.helpers import vowel_reward
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,23 +68,71 @@ def test_sft_then_dpo_from_its_model(tmp_path):
     assert "ref_logprobs" in dpo["timing"] and "generate" not in dpo["timing"]  # no sampling in offline DPO
 
 
-def test_online_dpo_positive_pairs_correct_with_incorrect(ray_session, tiny_model, tmp_path):
-    cfg = load_config(ROOT / "configs/online_dpo_arith.yaml", [
-        f"model.name={tiny_model}", *[s for s in SMALL if not s.startswith("tracking")], f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "algorithm.group_size=4",
-        "algorithm.prompts_per_step=2", "algorithm.pairs_per_prompt=2", "train.steps=2", "train.eval_before=false",
-        "train.eval_after=false", f"output_dir={tmp_path}/run"], environ={})
-    summary = raylign.train(cfg, reward_fn=vowel_reward)
-    rows = [json.loads(line) for line in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 2 * 4
-    for step in (1, 2):
-        for prompt in {r["prompt_id"] for r in rows if r["step"] == step}:
-            group = [r for r in rows if r["step"] == step and r["prompt_id"] == prompt]
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_model, tmp_path_factory):
+    """One RayCluster for the step-level tests: trainer workers with a reference, generators, reward actors
+    (the vowel reward: random text varies in it), started once."""
+    out = tmp_path_factory.mktemp("pref")
+    cfg = load_config(ROOT / "configs/step_dpo_mc_arith.yaml", [
+        f"model.name={tiny_model}", *[s for s in SMALL if not s.startswith("tracking")], "env.difficulty=2",
+        "train.eval_before=false", "train.eval_after=false", f"tracking.uri=sqlite:///{out}/mlflow.db",
+        f"output_dir={out}/run"], environ={}).absolutized()
+    rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="pref", storage_dir=str(out / "rt"),
+                    reward_fn=vowel_reward)
+    yield cfg, rc
+    rc.shutdown()
+
+
+def _problems(cfg, n):
+    return make_env(cfg.env, cfg.dataset).problems("train")[:n]
+
+
+def test_online_dpo_positive_pairs_correct_with_incorrect(cluster):
+    cfg, rc = cluster
+    algo = ALGORITHM_CONFIGS["online_dpo"](group_size=4, prompts_per_step=2, pairs_per_prompt=2)
+    version = rc.version
+    for _ in range(2):
+        out = online_dpo_step(rc, _problems(cfg, 2), algo, {})
+        for prompt in {r["prompt_id"] for r in out.records}:
+            group = [r for r in out.records if r["prompt_id"] == prompt]
             chosen = [r for r in group if r["pair"] == "chosen"]
             rejected = [r for r in group if r["pair"] == "rejected"]
             assert len(chosen) == len(rejected) == min(2, sum(r["correct"] for r in group),
                                                        sum(not r["correct"] for r in group))
             assert all(r["correct"] for r in chosen) and not any(r["correct"] for r in rejected)
-    assert summary["policy_version"] >= 1 and summary["algorithm"] == "online_dpo"
+        if out.metrics["pairs/count"]:
+            assert out.metrics["train/grad_norm"] > 0 and out.metrics["dpo/reward_accuracy"] >= 0
+    assert rc.version > version and rc.generators.policy_versions() == [rc.version]
+
+
+def test_stepwise_dpo_with_monte_carlo_scores(cluster):
+    cfg, rc = cluster
+    pairs = arith_pairs(cfg.env, cfg.dataset, "train", 2, seed=0)
+    out = step_dpo_step(rc, pairs, cfg.algorithm.model_copy(update={"mc_rollouts": 2}), {})
+    # per pair: the shared prompt state plus one state after each response's first step (they differ): 3
+    assert out.metrics["mc/states"] == 6 and out.metrics["mc/states_before_dedup"] == 8
+    for r in out.records:  # one score per step (line) of each response, each a success rate of 2 continuations
+        assert len(r["scores_chosen"]) == len([s for s in r["chosen"].split("\n") if s.strip()])
+        assert all(s in (0.0, 0.5, 1.0) for s in r["scores_chosen"] + r["scores_rejected"])
+    assert out.metrics["train/grad_norm"] > 0 and rc.mc_tokens > 0
+
+
+def test_stepwise_dpo_with_an_llm_judge(cluster):
+    cfg, rc = cluster
+    rc._start_judge()  # the judge the registry builds for step_scores=judge
+    pairs = arith_pairs(cfg.env, cfg.dataset, "train", 2, seed=0)
+    try:
+        judge_cfg = ALGORITHM_CONFIGS["step_dpo"](step_scores="judge", judge_max_new_tokens=6)
+        out = step_dpo_step(rc, pairs, judge_cfg, {})
+        again = step_dpo_step(rc, pairs, judge_cfg, {})
+    finally:
+        rc.judge_pool.shutdown()
+        rc.judge_pool = None
+    steps = sum(len(r[k]) for r in out.records for k in ("scores_chosen", "scores_rejected"))
+    assert out.metrics["judge/requests"] == steps == 8
+    # random weights cannot write "Score: N": every verdict is unparseable, scored 0 and counted
+    assert out.metrics["judge/unparseable"] == steps and all(s == 0.0 for r in out.records for s in r["scores_chosen"])
+    assert again.records == out.records and rc.judge_tokens > 0  # the frozen judge's answers are cached
 
 
 def _api_config(preset: str, tiny_model: str, tmp_path: Path, *extra: str):
@@ -86,31 +144,6 @@ def _api_config(preset: str, tiny_model: str, tmp_path: Path, *extra: str):
 
 def _rows(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "run/rollouts.jsonl").read_text().splitlines()]
-
-
-def test_stepwise_dpo_with_monte_carlo_scores(ray_session, tiny_model, tmp_path):
-    cfg = _api_config("step_dpo_mc_arith.yaml", tiny_model, tmp_path, "env.difficulty=2", "algorithm.batch_size=2",
-                      "algorithm.mc_rollouts=2", "train.steps=2")
-    summary = raylign.train(cfg)
-    rows = _rows(tmp_path)
-    assert len(rows) == 4 and summary["timing"]["mc_rollouts"] > 0 and "generate" not in summary["timing"]
-    for r in rows:  # one score per step (line) of each response, each a success rate of 2 continuations
-        assert len(r["scores_chosen"]) == len([s for s in r["chosen"].split("\n") if s.strip()])
-        assert all(s in (0.0, 0.5, 1.0) for s in r["scores_chosen"] + r["scores_rejected"])
-        assert r["scores_rejected"][-1] == 0.0  # the last step scores the response itself: the slip is wrong
-
-
-def test_stepwise_dpo_with_an_llm_judge(ray_session, tiny_model, tmp_path):
-    cfg = _api_config("step_dpo_judge_arith.yaml", tiny_model, tmp_path, "algorithm.batch_size=2",
-                      "algorithm.judge_max_new_tokens=6", "train.steps=1")
-    summary = raylign.train(cfg)
-    rows = _rows(tmp_path)
-    steps = sum(len(r[k]) for r in rows for k in ("scores_chosen", "scores_rejected"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
-    assert metrics["judge/requests"] == steps > 0 and summary["timing"]["judge"] > 0
-    # random weights cannot write "Score: N": every verdict is unparseable, scored 0 and counted
-    assert metrics["judge/unparseable"] == steps and all(s == 0.0 for r in rows for s in r["scores_chosen"])
 
 
 def test_sft_warmup_then_restem_keeps_only_correct_samples(ray_session, tiny_model, tmp_path):
@@ -126,3 +159,23 @@ def test_sft_warmup_then_restem_keeps_only_correct_samples(ray_session, tiny_mod
     assert summary["steps"] == 4 and summary["sft_warmup_steps"] == 2
     # the warm-up's weights reach the generators before RestEM's first samples (lazy sync, then versions 2..)
     assert {r["policy_version"] for r in restem if r["step"] == 3} == {2}
+
+
+def test_restem_restart_from_base_returns_to_the_initial_weights(cluster, tmp_path):
+    cfg, rc = cluster
+    rc.base_dir.mkdir(parents=True, exist_ok=True)
+    rc.trainer.save_checkpoint(str(rc.base_dir))  # what RayCluster does at start for restart_from_base
+    rc.trainer.save_weights(str(tmp_path / "base.safetensors"))
+    algo = ALGORITHM_CONFIGS["restem"](group_size=4, prompts_per_step=2, batch_size=4, restart_from_base=True)
+    state: dict = {}
+    rc.timer.pop()
+    first = restem_step(rc, _problems(cfg, 2), algo, state)
+    assert first.metrics["restem/kept"] > 0 and "timing/reset_policy" not in rc.timer.pop()
+    rc.trainer.save_weights(str(tmp_path / "trained.safetensors"))
+    restem_step(rc, _problems(cfg, 2), algo, state)  # iteration 2 starts again from the base weights
+    assert "timing/reset_policy" in rc.timer.pop()
+    rc.reset_policy()
+    rc.trainer.save_weights(str(tmp_path / "reset.safetensors"))
+    base, trained, reset = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("base", "trained", "reset"))
+    assert any(not torch.equal(base[k], trained[k]) for k in base)
+    assert all(torch.equal(base[k], reset[k]) for k in base)
