@@ -33,7 +33,7 @@ EVAL_EVERY = int(os.environ.get("RAYLIGN_BENCH_EVAL_EVERY", "2"))
 EVAL_N = int(os.environ.get("RAYLIGN_BENCH_EVAL_N", "60"))
 PRESETS = {"ppo": "ppo_arith.yaml", "vineppo": "vineppo_arith.yaml", "grpo": "grpo_arith.yaml"}
 COMMON = ["env.difficulty=1", "env.num_problems=400", "algorithm.prompts_per_step=8", "algorithm.group_size=4",
-          "generator.max_new_tokens=40", "algorithm.mc_max_new_tokens=40", "algorithm.temperature=1.0",
+          "generator.max_new_tokens=40", "algorithm.temperature=1.0",
           "trainer.lr=2e-5", "trainer.warmup_steps=1", "trainer.num_workers=1",
           "algorithm.kl_beta=0.0", "tracking.enabled=false", "seed=0", "train.steps=1000"]
 
@@ -46,9 +46,10 @@ def part(name: str) -> dict:
     from raylign.orchestrator.cluster import ray_cluster
     from raylign.orchestrator.evaluate import evaluate
     from raylign.orchestrator.rl_cluster import RayCluster
-    from raylign.orchestrator.train_loop import ALGORITHMS
+    from raylign.algorithms.registry import ALGORITHMS
 
-    cfg = load_config(ROOT / "configs" / PRESETS[name], COMMON)
+    extra = ["algorithm.mc_max_new_tokens=40"] if name == "vineppo" else []
+    cfg = load_config(ROOT / "configs" / PRESETS[name], COMMON + extra)
     path = resolve_model(cfg.model)
     env = make_env(cfg.env, cfg.dataset)
     stream, held_out = PromptStream(env.problems("train"), cfg.algorithm.prompts_per_step, cfg.seed), \
@@ -68,7 +69,7 @@ def part(name: str) -> dict:
         while train_s < BUDGET_S:
             rc.reseed(it)
             started = time.perf_counter()
-            out = ALGORITHMS[name](rc, stream.next(), cfg.algorithm, state)
+            out = ALGORITHMS[name].step(rc, stream.next(), cfg.algorithm, state)
             train_s += time.perf_counter() - started
             it += 1
             if it % EVAL_EVERY == 0 or train_s >= BUDGET_S:

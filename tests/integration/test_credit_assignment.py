@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from raylign.algorithms.ppo import ppo_step
 from raylign.algorithms.vineppo import vineppo_step
-from raylign.config import ModelConfig, TrainerConfig
+from raylign.config import ALGORITHM_CONFIGS, ModelConfig, TrainerConfig
 from raylign.envs import make_env
 from raylign.models import load_tokenizer
 from raylign.orchestrator.rl_cluster import RayCluster
@@ -18,13 +18,15 @@ from raylign.types import TrainBatch
 from tests.integration.helpers import tiny_config, vowel_reward
 
 HEAD = "raylign_value_head.weight"
+# the same sampling and update knobs as the PPO cluster's, with VinePPO's own
+VINEPPO = ALGORITHM_CONFIGS["vineppo"](group_size=4, prompts_per_step=2, epochs=2, minibatches=2, mc_rollouts=3,
+                                       max_steps_per_response=3, truncation_penalty=None)
 
 
 @pytest.fixture(scope="module")
 def ppo_cluster(ray_session, tiny_model, tmp_path_factory):
     cfg = tiny_config(tiny_model, tmp_path_factory.mktemp("c"), "algorithm.name=ppo", "algorithm.critic=value_head",
                       "algorithm.group_size=4", "algorithm.epochs=2", "algorithm.minibatches=2",
-                      "algorithm.mc_rollouts=3", "algorithm.max_steps_per_response=3",
                       "algorithm.truncation_penalty=null")  # 8 random tokens are always truncated
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="itest-ppo",
                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), reward_fn=vowel_reward)
@@ -76,7 +78,7 @@ def test_vineppo_issues_one_deduplicated_mc_call_per_step(ppo_cluster):
     for step in range(2):
         rc.reseed(10 + step)
         tokens_before = rc.mc_tokens
-        out = vineppo_step(rc, problems, cfg.algorithm, state)
+        out = vineppo_step(rc, problems, VINEPPO, state)
         m = out.metrics
         assert m["mc/calls"] == 1 and rc.mc_calls == calls + step + 1
         # the prompt-only state s_0 is shared by the G=4 samples of each prompt: at least 3 x 2 states merged
