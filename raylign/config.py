@@ -320,6 +320,10 @@ class Config(_Section):
     def _check(self) -> Config:
         if self.generator.n > 1 and self.generator.temperature == 0:
             raise ValueError("generator.n > 1 needs generator.temperature > 0 (greedy samples are identical)")
+        minibatches = getattr(self.algorithm, "minibatches", 1)
+        if minibatches > getattr(self.algorithm, "prompts_per_step", minibatches):
+            raise ValueError(f"algorithm.minibatches ({minibatches}) exceeds algorithm.prompts_per_step "
+                             f"({self.algorithm.prompts_per_step}): a prompt's samples stay in one minibatch")
         if self.algorithm.name in ("grpo", "rloo", "online_dpo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
         evals = [f"train.{k}" for k in ("eval_before", "eval_after") if getattr(self.train, k)]

@@ -281,18 +281,17 @@ def work_plan(batch: TrainBatch, world: int, minibatches: int, token_budget: int
               max_row_tokens: int = 0) -> list[list[list[list[int]]]]:
     """plan[rank][minibatch] = micro-batches (lists of batch indices) of that rank in that optimizer step.
 
-    Rank r takes the r-th contiguous block of the batch's groups, cut into ``minibatches`` consecutive
-    optimizer steps at group boundaries: a group stays on one rank and in one minibatch (and, by
-    ``micro_batches``, in one micro-batch).
+    The batch's groups are cut into ``minibatches`` consecutive optimizer steps, then each step's groups into
+    ``world`` contiguous blocks, one per rank: a group stays in one minibatch and on one rank (and, by
+    ``micro_batches``, in one micro-batch), and every minibatch has work while there are at least as many
+    groups as minibatches.
     """
-    plan = []
-    for mine in _split(batch_groups(batch), world):
-        steps = []
-        for part_groups in _split(mine, minibatches):
-            part = [i for group in part_groups for i in group]
+    plan: list[list[list[list[int]]]] = [[[] for _ in range(minibatches)] for _ in range(world)]
+    for m, step_groups in enumerate(_split(batch_groups(batch), minibatches)):
+        for r, rank_groups in enumerate(_split(step_groups, world)):
+            part = [i for group in rank_groups for i in group]
             local = micro_batches(batch.select(part), token_budget, max_row_tokens) if part else []
-            steps.append([[part[j] for j in group] for group in local])
-        plan.append(steps)
+            plan[r][m] = [[part[j] for j in group] for group in local]
     return plan
 
 

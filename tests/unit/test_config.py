@@ -117,3 +117,8 @@ def test_algorithm_section_defaults_to_grpo_and_round_trips_by_name(tmp_path):
     assert load_config(tmp_path / "c.yaml", environ={}).algorithm == dpo.algorithm
     docs = config_fields()
     assert docs["algorithm.beta"].endswith("[dpo, online_dpo, step_dpo]") and "algorithm.mc_rollouts" in docs
+
+
+def test_more_minibatches_than_prompts_is_refused():
+    with pytest.raises(ConfigError, match=r"algorithm.minibatches \(4\) exceeds algorithm.prompts_per_step \(2\)"):
+        load_config(None, ["algorithm.minibatches=4", "algorithm.prompts_per_step=2"], environ={})

@@ -198,15 +198,21 @@ def test_micro_batches_plan_packed_rows():
     assert micro_batches(batch, token_budget=40, max_row_tokens=0) == [[0, 1], [2, 3], [4, 5]]
 
 
-def test_work_plan_shards_contiguous_blocks_and_splits_minibatches():
+def test_work_plan_splits_minibatches_then_shards_each_over_the_ranks():
     batch = TrainBatch([[1]] * 7, [[2]] * 7, [[1]] * 7)
     plan = work_plan(batch, world=2, minibatches=2, token_budget=4)
-    assert plan[0] == [[[0, 1]], [[2, 3]]]
-    assert plan[1] == [[[4, 5]], [[6]]]
+    # minibatch 0 = sequences 0-3, minibatch 1 = 4-6; each cut into one contiguous block per rank
+    assert plan[0] == [[[0, 1]], [[4, 5]]]
+    assert plan[1] == [[[2, 3]], [[6]]]
     # budget 3: two separate 2-token sequences (2 x 2 = 4) need two forwards; packed, rank 0's minibatch
     # [0, 1] is one row (prompt 1, completions 2, 2) of 3 tokens and needs one
-    assert work_plan(batch, world=2, minibatches=2, token_budget=3)[0] == [[[0], [1]], [[2], [3]]]
-    assert work_plan(batch, world=2, minibatches=2, token_budget=3, max_row_tokens=8)[0] == [[[0, 1]], [[2, 3]]]
+    assert work_plan(batch, world=2, minibatches=2, token_budget=3)[0] == [[[0], [1]], [[4], [5]]]
+    assert work_plan(batch, world=2, minibatches=2, token_budget=3, max_row_tokens=8)[0] == [[[0, 1]], [[4, 5]]]
+    # two groups, two ranks, two minibatches: each minibatch keeps its group whole on one rank, so both
+    # optimizer steps have work (cutting per rank first would leave each rank one empty minibatch)
+    grouped = TrainBatch([[1]] * 8, [[2]] * 8, [[1]] * 8, group_B=[0] * 4 + [1] * 4)
+    assert work_plan(grouped, world=2, minibatches=2, token_budget=64) == [[[[0, 1, 2, 3]], [[4, 5, 6, 7]]],
+                                                                           [[], []]]
     tiny = work_plan(TrainBatch([[1]], [[2]], [[1]]), world=2, minibatches=1, token_budget=64)
     assert tiny == [[[[0]]], [[]]]  # rank 1 has nothing and will run dummy forwards
 
