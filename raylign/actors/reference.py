@@ -34,7 +34,8 @@ class ReferenceActor:
         # Ray pins threads to the actor's logical CPUs; reference log-probs run while the trainer waits.
         torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
-        self.model = load_hf_model(model_path, "bfloat16", model_cfg.trust_remote_code).to(self.device)
+        self.model = load_hf_model(model_path, "bfloat16" if cfg.bf16 else "float32",  # as the trainer computes
+                                   model_cfg.trust_remote_code).to(self.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.row_tokens = packing_row_tokens(self.model.config, cfg.packed_row_tokens)

@@ -163,7 +163,10 @@ class TrainerWorker:
                 [{"params": list(self.critic.model.parameters()), "lr": critic_lr}])
         self.ref = None
         if spec.reference:
-            self.ref = load_hf_model(spec.model_path, "bfloat16", spec.model_cfg.trust_remote_code).to(self.device)
+            # bf16 where the policy computes in bf16; fp32 otherwise (trainer.bf16=false: on CPUs without native
+            # bf16 a bf16 forward took 2x the whole DPO train step), so a fresh policy equals its reference
+            ref_dtype = "bfloat16" if self.cfg.bf16 else "float32"
+            self.ref = load_hf_model(spec.model_path, ref_dtype, spec.model_cfg.trust_remote_code).to(self.device)
             self.ref.eval().requires_grad_(False)
         self.steps = 0
         self.handlers = {Logprobs: self.logprobs, Values: self.values, TrainStep: self.train_step,
