@@ -188,13 +188,16 @@ class TrainerWorker:
     def _plan(self, batch: TrainBatch, minibatches: int = 1) -> list[list[list[list[int]]]]:
         return work_plan(batch, self.world, minibatches, self.cfg.micro_batch_tokens, self.row_tokens)
 
-    def _dummy_forward(self, wrapped: Wrapped | None = None) -> torch.Tensor:
+    def _dummy_forward(self, wrapped: Wrapped | None = None, values: bool = True) -> torch.Tensor:
         # Keeps this rank in step with ranks that have more micro-batches (FSDP2 all-gathers every forward).
+        # ``values``: the real micro-batches use the value head, so the dummy's backward must reach it too
+        # (a gradient on one rank and none on another makes the reduce-scatters differ and gloo abort).
         wrapped = wrapped or self.policy
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
         out = wrapped.model(input_ids=ids, use_cache=False).logits.sum()
         if wrapped is self.critic:
-            out = out + take_values(wrapped.inner).sum()
+            head = take_values(wrapped.inner).sum()
+            out = out + head if values else out
         return out
 
     def _critic_values(self, tensors: dict[str, torch.Tensor], forward: bool) -> torch.Tensor:
@@ -289,7 +292,7 @@ class TrainerWorker:
                         self._micro_step(batch.select(mine[k]), cmd, wants, scale, units, stats)
                     else:
                         with self.policy.compute():
-                            loss = sum(self._dummy_forward(w) for w in models) * 0.0
+                            loss = sum(self._dummy_forward(w, "values_B_T" in wants) for w in models) * 0.0
                         loss.backward()
             self._optimizer_step(stats, two_models)
         stats["optimizer_steps"] = self.steps
