@@ -41,6 +41,8 @@ integration: setup
 
 bench: setup
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/pip install -q --no-deps trl==1.16.0
+	$(BIN)/python benchmarks/preference.py
 
 mlflow-ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
