@@ -184,24 +184,36 @@ def model_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | b
 
 
 def sequence_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor], with_entropy: bool = False,
-                      entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      entropy_grad: bool = False, temperature: float = 1.0,
+                      masked_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(completion token | everything before it) at the batch's sampling temperature (log_softmax of
     logits / temperature, the distribution the generator sampled from): (B, T), 0 on padding.
 
     The entropy (B, T) of the same distributions comes back too when asked: a metric (no grad), or with
     ``entropy_grad`` a differentiable term for an entropy bonus.
+
+    ``masked_only``: values only where ``mask_B_T`` is non-zero (0 elsewhere), the tokens a loss trains on;
+    the LM head and log-softmax then run over those positions alone. An SFT row is mostly prompt tokens
+    (loss mask 0), whose (V = 49152)-wide logits were a third of the step.
     """
     L = tensors["input_ids_R_L"].shape[1]
     pos_B_T, valid_B_T = tensors["logit_pos_B_T"], tensors["valid_B_T"]
-    # Only positions from the earliest completion on are needed: skip the prompt-only logits (R, P, V).
-    first = int(pos_B_T[valid_B_T].min()) if valid_B_T.any() else L - 1
-    keep = L - first
+    if masked_only:
+        valid_B_T = valid_B_T & (tensors["mask_B_T"] != 0)
+    # Only positions some completion token needs: skip the prompt-only logits (R, P, V). Kept as a suffix
+    # when that is (nearly) as small as the set itself, else as the set of positions.
+    needed_K = torch.unique(pos_B_T[valid_B_T]) if valid_B_T.any() else torch.tensor([L - 1])
+    first = int(needed_K[0])
+    if not masked_only or len(needed_K) >= 0.9 * (L - first):
+        keep, needed_K = L - first, torch.arange(first, L)
+    else:
+        keep = needed_K
     out = model(**model_inputs(tensors), logits_to_keep=keep)
     # One fp32 log-softmax over the kept positions serves the log-probs and the entropy; no (B, T, V) copy
     # is gathered first, only the (B, T) values each completion token needs.
     logits = out.logits.float()
     logp_R_K_V = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    index_B_T = (pos_B_T - first).clamp(0, keep - 1)
+    index_B_T = torch.searchsorted(needed_K, pos_B_T).clamp(0, len(needed_K) - 1)
     rows_B_1 = tensors["row_B"].unsqueeze(1)
     logprobs_B_T = logp_R_K_V[rows_B_1, index_B_T, tensors["target_ids_B_T"]] * valid_B_T
     entropy_B_T = None

@@ -305,7 +305,8 @@ class TrainerWorker:
         entropy_grad = "entropy_B_T" in wants and cmd.loss_kwargs.get("entropy_coef", 0.0) > 0
         with self.policy.compute():
             logprobs_B_T, entropy_B_T = sequence_logprobs(self.policy.model, tensors, with_entropy=True,
-                                                          entropy_grad=entropy_grad, temperature=batch.temperature)
+                                                          entropy_grad=entropy_grad, temperature=batch.temperature,
+                                                          masked_only=True)
             if "values_B_T" in wants:
                 fields["values_B_T"] = self._critic_values(tensors, forward=self.critic is not self.policy)
             elif self.critic is self.policy:

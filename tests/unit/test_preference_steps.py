@@ -75,9 +75,14 @@ def test_dpo_step_uses_the_reference_and_defers_the_sync():
     assert cluster.calls[-1] == ("sync", True) and [r["pair_id"] for r in out.records] == ["a", "b"]
 
 
-def test_sft_batch_packs_on_the_first_prompt_token_and_trains_on_the_response_only():
+def test_sft_batch_packs_on_the_shared_prompt_prefix_and_trains_on_the_response_only():
     batch = supervised_batch([([1, 2, 3], [7, 8]), ([1, 5], [9])])
     assert batch.prompt_ids == [[1], [1]] and batch.completion_ids == [[2, 3, 7, 8], [5, 9]]
+    shared = supervised_batch([([1, 2, 3], [7, 8]), ([1, 2, 5], [9]), ([1, 2, 3, 4], [6])])
+    assert shared.prompt_ids == [[1, 2]] * 3 and shared.completion_ids == [[3, 7, 8], [5, 9], [3, 4, 6]]
+    assert shared.loss_mask == [[0, 1, 1], [0, 1], [0, 0, 1]]
+    same = supervised_batch([([1, 2, 3], [7]), ([1, 2, 3], [8])])  # one prompt token stays in the completion
+    assert same.prompt_ids == [[1, 2]] * 2 and same.completion_ids == [[3, 7], [3, 8]]
     assert batch.loss_mask == [[0, 0, 1, 1], [0, 1]]
     cluster = FakeCluster()
     sft_step(cluster, [Example("e", [{"role": "user", "content": "hi"}], "ok")], ALGORITHM_CONFIGS["sft"](), {})

@@ -247,3 +247,28 @@ def test_merge_step_metrics_weights_by_units():
     assert m["loss/policy"] == pytest.approx(2.0)  # (3*1 + 1*5) / 4
     assert m["train/entropy"] == pytest.approx(2.0) and m["train/tokens"] == 4.0
     assert m["train/grad_norm"] == 3.0 and m["train/lr"] == 1e-3 and m["train/optimizer_steps"] == 7.0
+
+
+def test_masked_only_log_probs_are_the_full_ones_on_loss_tokens_and_zero_elsewhere(model):
+    """SFT-shaped rows (a long prompt remainder with loss mask 0, a short response): the LM head runs on the
+    response positions only, and the log-probs, entropies and gradients there match the full computation."""
+    from raylign.algorithms.sft import supervised_batch
+
+    batch = supervised_batch([([1, 2, 3, 4, 5, 6, 7, 8], [9, 10]), ([1, 2, 3, 11, 12, 13, 14], [15, 16, 17])])
+    assert batch.prompt_ids == [[1, 2, 3], [1, 2, 3]]  # the shared prefix, computed once per packed row
+    grads = []
+    for masked_only in (False, True):
+        tensors = pad_batch(batch, PAD, 1024)
+        logprobs_B_T, entropy_B_T = sequence_logprobs(model, tensors, with_entropy=True, masked_only=masked_only)
+        mask_B_T = tensors["mask_B_T"]
+        if masked_only:
+            assert logprobs_B_T[mask_B_T == 0].abs().sum() == 0 and entropy_B_T[mask_B_T == 0].abs().sum() == 0
+            assert torch.allclose(logprobs_B_T, full_B_T * mask_B_T, atol=1e-6)
+            assert torch.allclose(entropy_B_T, full_entropy_B_T * mask_B_T, atol=1e-6)
+        else:
+            full_B_T, full_entropy_B_T = logprobs_B_T.detach(), entropy_B_T
+            assert (full_B_T[mask_B_T == 0] != 0).any()  # the full pass has values on the prompt remainder
+        (logprobs_B_T * mask_B_T).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad()
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
