@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,6 +245,11 @@ def summarise_offline(kind: str, n: int, ours: dict, trl: dict) -> dict:
         out["raylign"]["ref_logprobs_s"] = sum(ours["curves"]["timing/ref_logprobs"])
     for side in ("raylign", "trl"):
         out[side]["first_step_loss"] = out[side]["loss"][0]
+    out["median_step_s"] = {side: statistics.median(out[side]["step_s"]) for side in ("raylign", "trl")}
+    # per-step medians: a check against load from other processes, which inflates some steps of one side only
+    out["ratio_vs_trl_at_median_step"] = out["median_step_s"]["trl"] / out["median_step_s"]["raylign"]
+    if kind == "sft":  # tokens differ per side (TRL's completion has one more token, the "\n" after <|im_end|>)
+        out["ratio_vs_trl_at_median_step"] *= out["raylign"]["loss_tokens"] / out["trl"]["loss_tokens"]
     return out
 
 
