@@ -65,7 +65,7 @@ def _data_validate(args: argparse.Namespace) -> int:
     from raylign.orchestrator.preflight import data_issues, training_problems
 
     cfg = load_config(args.config, args.overrides).absolutized()
-    items, _ = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
+    items, _ = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg), cfg)
     tokenizer = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     issues = data_issues(items, cfg, tokenizer)
     for issue in issues:

@@ -44,7 +44,7 @@ class DatasetConfig(_Section):
 
 
 class EnvConfig(_Section):
-    name: Literal["arith", "gsm8k", "math", "rag"] = Field("arith", description="environment: task, prompt and reward")
+    name: Literal["arith", "gsm8k", "math", "rag", "dspy"] = Field("arith", description="environment: task, prompt and reward")
     system_prompt: str | None = Field(None, description="replace the env's default system prompt")
     lenient: bool = Field(False, description="also accept the last number when the answer format is missing")
     difficulty: int = Field(1, ge=1, le=5, description="arith: difficulty level, 1 (one-digit sums) to 5")
@@ -100,10 +100,35 @@ class GeneratorConfig(_Section):
     timeout_s: float | None = Field(None, gt=0, description="deadline of one generate call on a replica; a replica past it is replaced (None: derived from the call's token count)")
 
 
+class JudgeConfig(_Section):
+    model: str | None = Field(None, description="judge model on its own generator actor (a local folder or hub id); None: no judge stage. The task model's name (env.name=dspy) shares its pool")
+    template: str | None = Field(None, description="prompt with {question}, {reference}, {response} (None: raylign.envs.judge.ANSWER_TEMPLATE)")
+    max_new_tokens: int = Field(48, ge=1, description="tokens of the judge's answer (it ends with 'Score: N')")
+    num_replicas: int = Field(1, ge=1, description="generator actors of the judge model")
+
+
 class RewardConfig(_Section):
     num_actors: int = Field(1, ge=1, description="reward evaluator actors")
     num_cpus: float = Field(0.25, gt=0, description="Ray logical CPUs each reward actor reserves")
     timeout_s: float = Field(5.0, gt=0, description="per-sample reward timeout; a timeout scores 0")
+    concurrency: int = Field(4, ge=1, description="samples one reward actor scores at once (threads); env.name=dspy runs this many pipelines together so their task-model calls batch")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="stage two: an LLM judge scores a reply the env's check marked wrong (0..1 from 'Score: N')")
+
+
+class DspyConfig(_Section):
+    task_model: str = Field("smollm2-135m-instruct", description="the frozen model the DSPy pipelines run on, served by its own generator actors")
+    num_replicas: int = Field(1, ge=1, description="generator actors of the task model")
+    temperature: float = Field(0.0, ge=0, description="task model sampling temperature (0: greedy)")
+    max_new_tokens: int = Field(128, ge=1, description="tokens per task-model call")
+    modules: list[str] = Field(["ChainOfThought", "Predict"], min_length=1, description="DSPy modules the policy may choose (aliases CoT, Predict, ReAct, PoT)")
+    signatures: list[str] | None = Field(None, description="signatures the policy may choose; None: the seed's 15")
+    gsm8k_path: str | None = Field(None, description="GSM8K file or hub id (openai/gsm8k); with hotpotqa_path None for both: the offline arith + synthetic multi-hop mix")
+    hotpotqa_path: str | None = Field(None, description="HotpotQA (distractor, with context) file or hub id (hotpotqa/hotpot_qa)")
+    limit_each: int | None = Field(None, ge=1, description="read at most this many questions from each file")
+    num_math: int = Field(100, ge=1, description="offline mix: arith problems per split")
+    num_multihop: int = Field(100, ge=1, description="offline mix: synthetic two-hop questions per split")
+    text_metric: Literal["em", "f1"] = Field("em", description="text answers (HotpotQA): exact match or token F1")
+    fixed_pipeline: bool = Field(False, description="also run the seed's fixed question -> reasoning -> answer pipeline; the reward is the max of the two")
 
 
 class TrainerConfig(_Section):
@@ -299,6 +324,7 @@ class Config(_Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="problems to read")
     env: EnvConfig = Field(default_factory=EnvConfig, description="task and reward")
     rag: RagConfig = Field(default_factory=RagConfig, description="document store, retrievers and the tool-using agent env (env.name=rag)")
+    dspy: DspyConfig = Field(default_factory=DspyConfig, description="AutoDSPy env (env.name=dspy): pipeline choices, task model and data")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="generation actors and sampling")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward evaluator actors")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Ray Train policy workers")
@@ -348,7 +374,7 @@ class Config(_Section):
         The driver calls this before anything starts: Ray Train workers and actors run in working directories
         of their own, so a relative path handed to them lands somewhere else (the demo's model once went
         to Ray's session folder). Values that may be hub ids (model.name, dataset.path, rag.corpus_path,
-        algorithm.data_path, algorithm.judge_model) are
+        algorithm.data_path, algorithm.judge_model, reward.judge.model, dspy.*) are
         resolved only when they look local: they exist, or start with '.', '/' or '~'.
         """
         base = Path(cwd or os.getcwd())
@@ -368,7 +394,9 @@ class Config(_Section):
         out.rag.index_dir = absolute(out.rag.index_dir)
         if out.model.cache_dir:
             out.model.cache_dir = absolute(out.model.cache_dir)
-        local_keys = [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path"), (out.train, "sft_warmup_data")]
+        local_keys = [(out.model, "name"), (out.dataset, "path"), (out.rag, "corpus_path"), (out.train, "sft_warmup_data"),
+                      (out.reward.judge, "model"), (out.dspy, "task_model"), (out.dspy, "gsm8k_path"),
+                      (out.dspy, "hotpotqa_path")]
         local_keys += [(out.algorithm, k) for k in ("data_path", "judge_model") if k in type(out.algorithm).model_fields]
         for section, key in local_keys:
             if looks_local(getattr(section, key)):

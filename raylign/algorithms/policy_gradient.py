@@ -111,12 +111,12 @@ def rollout_metrics(groups: list[list[Completion]], scores: list[list[Score]], r
         "response/len_mean": lengths.mean().item(),
         "response/len_max": lengths.max().item(),
         "response/truncated": sum(c.finish_reason == "length" for g in groups for c in g) / len(flat),
-        **_component_means(flat),
+        **component_means(flat),
         **_episode_metrics([c for g in groups for c in g]),
     }
 
 
-def _component_means(scores: list[Score]) -> dict[str, float]:
+def component_means(scores: list[Score]) -> dict[str, float]:
     """Each reward component (multi-component rewards such as the RAG env's) as its own batch mean."""
     names = sorted({n for s in scores for n in s.info.get("components", {})})
     return {f"reward/{n}": sum(s.info.get("components", {}).get(n, 0.0) for s in scores) / len(scores) for n in names}

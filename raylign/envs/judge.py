@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
+
+from raylign.types import Score
 
 JUDGE_SYSTEM = "You are a careful, strict grader. Follow the instructions and end with the score line."
 
@@ -118,3 +121,34 @@ def step_judge_requests(question: str, steps: list[str], template: str = STEP_TE
     first) and the step itself."""
     return [judge_messages(template, question=question, previous_steps="\n".join(steps[:i]) or "(none)", step=step)
             for i, step in enumerate(steps)]
+
+
+# ---- the judge as a reward stage (reward.judge) ---------------------------------------------------------
+
+JudgeFn = Callable[[list[dict[str, str]]], str]  # one judge conversation -> the judge's reply
+
+
+def judge_answer(judge: JudgeFn, question: str, reference: str, response: str,
+                 template: str | None = None) -> tuple[float | None, str | None]:
+    """Ask the judge whether ``response``'s final answer matches ``reference``: (verdict in [0, 1] or None
+    when unreadable, the judge's reply). A judge call that raises counts as unreadable (reply None)."""
+    messages = judge_messages(template or ANSWER_TEMPLATE, question=question, reference=reference, response=response)
+    try:
+        reply = judge(messages)
+    except Exception:  # noqa: BLE001 - a failed judge call costs this sample's second stage, nothing more
+        return None, None
+    return parse_verdict(reply), reply
+
+
+def judged_score(score: Score, judge: JudgeFn, question: str, reference: str, response: str,
+                 template: str | None = None) -> Score:
+    """Stage two for any env: a reply its own check marked wrong (and that said something) gets the judge's
+    verdict as its reward. ``correct`` stays the env's check: accuracy is never the judge's word.
+    Counted in ``info``: ``judge/called``, and ``judge/unreadable`` when the verdict cannot be read (reward 0)."""
+    if score.correct or not response.strip():
+        return score
+    verdict, reply = judge_answer(judge, question, reference, response, template)
+    info = {**score.info, "judge/called": 1, "judge/verdict": verdict, "judge/reply": reply,
+            "judge/unreadable": int(verdict is None), "reward/before_judge": score.reward}
+    reward = score.reward if verdict is None else max(score.reward, verdict)
+    return Score(reward, score.correct, score.prediction, score.format_ok, info)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from raylign.algorithms.policy_gradient import component_means
 from raylign.chat import encode_chat
 from raylign.config import Config
 from raylign.types import Problem, Score
@@ -15,6 +16,7 @@ from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.episodes import CombinedRewards, ToolEpisodes, rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
+from raylign.orchestrator.lm_service import service_counters, start_services
 from raylign.orchestrator.preflight import plan_eval
 from raylign.orchestrator.reward_pool import RewardPool
 from raylign.orchestrator.tracking import Tracker
@@ -40,7 +42,21 @@ def eval_metrics(groups: list[list[Completion]], scores: list[list[Score]], k: i
     }
     if k > 1:
         metrics[f"pass_at_{k}"] = sum(pass_at_k(len(g), sum(s.correct for s in g), k) for g in scores) / max(1, len(scores))
-    return metrics
+    return {**metrics, **component_means(flat), **pipeline_shares(flat)}
+
+
+def pipeline_shares(scores: list[Score]) -> dict[str, float]:
+    """The AutoDSPy pipeline distribution: ``pipeline/<kind>/<pipeline>`` = the share of that question kind's
+    samples that chose it, and its accuracy as ``pipeline_accuracy/<kind>/<pipeline>``."""
+    tagged = [s.info["tags"] for s in scores if "pipeline" in s.info.get("tags", {})]
+    out: dict[str, float] = {}
+    for kind in sorted({t["kind"] for t in tagged}):
+        of_kind = [(t["pipeline"], s.correct) for s, t in zip(scores, tagged) if t["kind"] == kind]
+        for pipeline in sorted({p for p, _ in of_kind}):
+            hits = [c for p, c in of_kind if p == pipeline]
+            out[f"pipeline/{kind}/{pipeline}"] = len(hits) / len(of_kind)
+            out[f"pipeline_accuracy/{kind}/{pipeline}"] = sum(hits) / len(hits)
+    return out
 
 
 def evaluate(problems: list[Problem], prompts_ids: list[list[int]], gens: GeneratorPool | ToolEpisodes,
@@ -55,7 +71,7 @@ def evaluate(problems: list[Problem], prompts_ids: list[list[int]], gens: Genera
     records = [
         {"problem_id": p.id, "sample": j, "prompt": p.messages[-1]["content"], "completion": c.text,
          "prediction": s.prediction, "ground_truth": p.answer, "reward": s.reward, "correct": s.correct,
-         "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+         "finish_reason": c.finish_reason, "tokens": len(c.token_ids), **s.info.get("tags", {})}
         for p, group, group_scores in zip(problems, groups, scores, strict=True)
         for j, (c, s) in enumerate(zip(group, group_scores, strict=True))
     ]
@@ -86,10 +102,13 @@ def run_eval(cfg: Config, problems: list[Problem] | None = None) -> dict:
         tracker.log_config(cfg)
         with ray_cluster(cfg.ray):
             gens = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
-            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag, fault_cfg=cfg.fault)
+            services = start_services(cfg)
+            rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag, fault_cfg=cfg.fault, full_cfg=cfg,
+                                 services=services)
             rollouts, rewards = rollout_stack(cfg, gens, rewards, tokenizer)
             metrics, records = evaluate(problems, prompts_ids, rollouts, rewards, gens.spec())
             metrics.update({f"reward_events/{k}": v for k, v in rewards.counters().items()})
+            metrics.update(service_counters(services))
         write_jsonl(out_dir / "samples.jsonl", records)
         summary = {**metrics, "n": len(problems), "samples_per_problem": cfg.generator.n, "model": cfg.model.name,
                    "model_path": model_path, "dataset": cfg.dataset.path or f"builtin:{cfg.env.name}",

@@ -186,10 +186,33 @@ class TrainingPlan:
     warmup: list = field(default_factory=list)  # SFT warm-up examples (train.sft_warmup_steps)
 
 
+def check_env_models(cfg: Config) -> None:
+    """The dspy env's action space and the judge template, checked before any actor starts."""
+    if cfg.env.name == "dspy":
+        from raylign.envs.dspy.actions import SIGNATURES, action_prompt
+
+        try:
+            action_prompt("check", cfg.dspy.modules, cfg.dspy.signatures or SIGNATURES)
+        except ValueError as e:
+            raise ConfigError(f"dspy.modules / dspy.signatures: {e}") from e
+    template = cfg.reward.judge.template
+    if template is not None:
+        from raylign.envs.judge import template_fields
+
+        try:
+            unknown = set(template_fields(template)) - {"question", "reference", "response"}
+        except ValueError as e:
+            raise ConfigError(f"reward.judge.template: {e}") from e
+        if unknown:
+            raise ConfigError(f"reward.judge.template: unknown field(s) {sorted(unknown)}; it may use "
+                              "{question}, {reference} and {response}")
+
+
 def plan_training(cfg: Config) -> TrainingPlan:
     """Every check that needs neither a model nor Ray; light imports only, so bad input fails in about a second."""
     cfg = cfg.absolutized()  # no relative path may reach an actor: their working directories differ
-    train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag), cfg)
+    check_env_models(cfg)
+    train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg), cfg)
     train, skipped = checked_items(train, cfg)  # the token-length checks follow once the tokenizer is loaded
     warmup = warmup_examples(cfg)
     ckpt, state = resume_point(cfg, Path(cfg.output_dir))
@@ -199,5 +222,6 @@ def plan_training(cfg: Config) -> TrainingPlan:
 def plan_eval(cfg: Config) -> tuple[Config, list[Problem]]:
     """`raylign eval`'s checks before anything starts: absolute paths, and at least one problem to pose."""
     cfg = cfg.absolutized()
-    env = make_env(cfg.env, cfg.dataset, cfg.rag)
+    check_env_models(cfg)
+    env = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg)
     return cfg, require_problems(env.problems(cfg.dataset.split), cfg, cfg.dataset.split, 1, "an eval")

@@ -10,7 +10,7 @@ from collections import Counter
 import ray
 
 from raylign.actors.reward import RewardActor, RewardFn, failed_score
-from raylign.config import DatasetConfig, EnvConfig, FaultConfig, RagConfig, RewardConfig
+from raylign.config import Config, DatasetConfig, EnvConfig, FaultConfig, RagConfig, RewardConfig
 from raylign.types import Problem, Score
 from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
 
@@ -22,8 +22,8 @@ class RewardPoolError(RestartLimitError):
 class RewardPool:
     def __init__(self, env_cfg: EnvConfig, dataset_cfg: DatasetConfig, cfg: RewardConfig,
                  reward_fn: RewardFn | None = None, rag_cfg: RagConfig | None = None,
-                 fault_cfg: FaultConfig | None = None):
-        self.args = (env_cfg, dataset_cfg, cfg.timeout_s, reward_fn, rag_cfg)
+                 fault_cfg: FaultConfig | None = None, full_cfg: Config | None = None, services: dict | None = None):
+        self.args = (env_cfg, dataset_cfg, cfg.timeout_s, reward_fn, rag_cfg, full_cfg, services, cfg.concurrency)
         self.cfg = cfg
         self.fault = fault_cfg or FaultConfig()
         self.restarts = RestartBudget("reward", self.fault.max_actor_restarts, "fault.max_actor_restarts",

@@ -19,6 +19,7 @@ from raylign.envs.pairs import encode_response
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.episodes import rollout_stack
 from raylign.orchestrator.generator_pool import GeneratorPool
+from raylign.orchestrator.lm_service import service_counters, start_services, stop_services
 from raylign.orchestrator.metrics import PhaseTimer
 from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.reward_pool import RewardPool
@@ -61,13 +62,15 @@ class RayCluster:
         self.critic = algorithm.critic(cfg.algorithm)
         evals = cfg.train.eval_before or cfg.train.eval_after
         self.generators = self.rewards = self.rollouts = self.reference = None
+        self.services: dict = {}
         with self.timer.phase("startup"):
             self.trainer = self._start_trainer()
             if algorithm.generation(cfg.algorithm) or evals:
                 self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
+                self.services = start_services(cfg)  # models the reward calls: task model (dspy), judge
                 # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
                 rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
-                                     fault_cfg=cfg.fault)
+                                     fault_cfg=cfg.fault, full_cfg=cfg, services=self.services)
                 self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
             if self.needs_reference and cfg.trainer.ref_model == "actor":
                 self.reference = ReferenceClient(model_path, cfg.model, cfg.trainer, cfg.fault)
@@ -133,6 +136,8 @@ class RayCluster:
         out = {k: float(v) for pool in pools if pool is not None for k, v in pool.fault_counters().items()}
         if self.judge_pool is not None:
             out.update({k.replace("generator", "judge"): float(v) for k, v in self.judge_pool.fault_counters().items()})
+        if self.services:
+            out.update(service_counters(self.services))
         return out
 
     def prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
@@ -276,4 +281,5 @@ class RayCluster:
             self.reference.shutdown()
         if self.judge_pool is not None:
             self.judge_pool.shutdown()
+        stop_services(self.services)
         self.weights_path.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, re
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.evaluate import evaluate
 from raylign.orchestrator.faults import RestartLimitError
+from raylign.orchestrator.pipeline_plot import plot_pipeline_shares
 from raylign.orchestrator.preflight import TrainingPlan, checked_items, plan_training
 from raylign.orchestrator.rl_cluster import RayCluster
 from raylign.orchestrator.tracking import Tracker
@@ -256,6 +257,9 @@ class TrainingRun:
         if cfg.train.eval_after:
             self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=self.total)
+        plot = plot_pipeline_shares(self.evals, self.out_dir / "pipelines.png")  # env.name=dspy
+        if plot is not None:
+            self.tracker.log_artifact(plot)
         for k, v in cluster.timer.pop().items():
             self.timing[k] = self.timing.get(k, 0.0) + v
         faults = self.fault_counters()

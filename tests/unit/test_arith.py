@@ -27,7 +27,7 @@ def _env(**env_kwargs) -> ArithEnv:
 
 
 def test_registry():
-    assert set(ENVS) == {"arith", "gsm8k", "math", "rag"}
+    assert set(ENVS) == {"arith", "gsm8k", "math", "rag", "dspy"}
     assert isinstance(make_env(EnvConfig(name="arith"), DatasetConfig()), ArithEnv)
     with pytest.raises(ValueError, match="env.name"):
         make_env(EnvConfig.model_construct(name="chess"), DatasetConfig())

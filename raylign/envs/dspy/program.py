@@ -97,7 +97,8 @@ def _run(make: Callable[[], tuple[dspy.Module, dict[str, str]]], output_field: s
     start = time.perf_counter()
     output, event, detail = None, None, None
     try:
-        with dspy.context(lm=lm, adapter=adapter, callbacks=[*dspy.settings.callbacks, counter]):
+        # disable_history: DSPy would keep every prompt and reply (up to 10,000, globally and per LM) for a run's life
+        with dspy.context(lm=lm, adapter=adapter, callbacks=[*dspy.settings.callbacks, counter], disable_history=True):
             program, inputs = make()
             value = program(**inputs)[output_field]
         output = None if value is None else str(value)

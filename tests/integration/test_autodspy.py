@@ -1,0 +1,97 @@
+"""AutoDSPy on the real stack: DSPy programs executed on a SmolLM2 task model served by a vLLM generator actor
+(through LMService and the reward actors), the judge sharing that pool; and `raylign train` of the GRPO preset
+as a user runs it (a subprocess, relative paths), with tiny-random-llama as the policy."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raylign.config import load_config
+from raylign.envs import make_env
+from raylign.orchestrator.lm_service import service_counters, start_services, stop_services
+from raylign.orchestrator.reward_pool import RewardPool
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+ACTIONS = ["Predict | question -> answer", "CoT | question -> answer", "Predict | problem -> solution",
+           "Foo | question -> answer", "CoT | question -> answer. Done", "no pipeline here"]
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session):
+    """Six problems of the offline mix (math and two-hop), each answered with every action in ACTIONS."""
+    cfg = load_config(ROOT / "configs/autodspy_grpo.yaml", [
+        "dspy.max_new_tokens=48", "reward.judge.max_new_tokens=16", "generator.kv_cache_gb=0.25",
+        "dspy.num_math=3", "dspy.num_multihop=3"], environ={}).absolutized()
+    problems = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("test")
+    services = start_services(cfg)
+    pool = RewardPool(cfg.env, cfg.dataset, cfg.reward, full_cfg=cfg, services=services)
+    try:
+        items = [(p, a) for p in problems for a in ACTIONS]
+        scores = pool.score(items)
+        yield problems, items, scores, service_counters(services), pool.counters()
+    finally:
+        pool.shutdown()
+        stop_services(services)
+
+
+def test_dspy_programs_run_on_the_task_model_and_bad_actions_score_zero(scored):
+    problems, items, scores, counters, events = scored
+    assert {p.meta["kind"] for p in problems} == {"math", "multihop"} and events == {}
+    by_action = {a: [s for (_, b), s in zip(items, scores) if b == a] for a in ACTIONS}
+    reasons = {"Foo | question -> answer": "unknown_module", "CoT | question -> answer. Done": "trailing_text",
+               "no pipeline here": "malformed"}
+    for action, reason in reasons.items():
+        for s in by_action[action]:
+            assert s.reward == 0.0 and not s.format_ok and s.info["components"][f"dspy_parse_{reason}"] == 1.0
+            assert s.info["tags"]["pipeline"] == "unparsed"
+    parsed = [s for a in ACTIONS[:3] for s in by_action[a]]
+    assert all(s.format_ok and s.info["components"]["dspy_lm_calls"] >= 1 for s in parsed)
+    assert {s.info["tags"]["pipeline"] for s in by_action["CoT | question -> answer"]} == {
+        "ChainOfThought: question to answer"}
+    assert all(s.prediction is not None for s in parsed)  # the task model answered (raw text if off-format)
+    for s in parsed:  # correct is the regex stage's exact verdict; the judge only lifts a zero
+        assert s.correct == (s.info["components"]["dspy_regex"] == 1.0)
+        assert s.info["components"]["dspy_judged"] == float(s.info["components"]["dspy_regex"] == 0.0)
+
+
+def test_the_judge_is_called_only_when_the_regex_stage_fails(scored):
+    _, _, scores, counters, _ = scored
+    program_calls = sum(s.info["components"].get("dspy_lm_calls", 0.0) for s in scores)
+    judged = sum(s.info["components"].get("dspy_judged", 0.0) for s in scores)
+    regex_failed = sum(1 for s in scores if s.format_ok and s.info["components"]["dspy_regex"] == 0.0)
+    assert judged == regex_failed > 0
+    # one pool serves both roles: every conversation it got was a program's call or a judge's
+    assert counters["task_model/requests"] == counters["judge_model/requests"] == program_calls + judged
+    # concurrent samples' calls were batched: far fewer generate calls than conversations
+    assert counters["task_model/calls"] < counters["task_model/requests"] / 3
+
+
+def test_autodspy_grpo_preset_from_the_cli(tmp_path):
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    args = ["configs/autodspy_grpo.yaml", "model.name=tiny-random-llama", "train.steps=2",
+            "algorithm.prompts_per_step=2", "dspy.num_math=4", "dspy.num_multihop=4", "train.eval_limit=4",
+            "dspy.max_new_tokens=32", "generator.max_new_tokens=12", "generator.kv_cache_gb=0.25",
+            "trainer.micro_batch_tokens=2048", "ray.num_cpus=6", "tracking.uri=sqlite:///mlflow.db",
+            "output_dir=runs/autodspy"]
+    proc = subprocess.run([sys.executable, "-m", "raylign", "train", *args], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs/autodspy"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["policy_version"] == 2
+    assert (run / "pipelines.png").stat().st_size > 10_000  # the distribution before and after, as a plot
+    rows = [json.loads(line) for line in (run / "eval_after.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["kind"] in ("math", "multihop") and r["pipeline"] for r in rows)
+    # tiny-random-llama writes no valid action: every eval sample is "unparsed", as the MLflow run shows
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.metrics
+    shares = {k: v for k, v in metrics.items() if k.startswith("eval/pipeline/")}
+    for kind in {r["kind"] for r in rows}:
+        assert sum(v for k, v in shares.items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
+    assert summary["faults"]["fault/task_model_restarts"] == 0.0
