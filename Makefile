@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/raylign train configs/grpo_arith.yaml output_dir=runs/demo
 
 test: setup
-	$(BIN)/python -m pytest tests -q -rs
+	$(BIN)/python -m pytest tests -q -rs --durations=25
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
