@@ -47,11 +47,13 @@ def eval_metrics(groups: list[list[Completion]], scores: list[list[Score]], k: i
 
 def pipeline_shares(scores: list[Score]) -> dict[str, float]:
     """The AutoDSPy pipeline distribution: ``pipeline/<kind>/<pipeline>`` = the share of that question kind's
-    samples that chose it, and its accuracy as ``pipeline_accuracy/<kind>/<pipeline>``."""
-    tagged = [s.info["tags"] for s in scores if "pipeline" in s.info.get("tags", {})]
+    samples that chose it, its accuracy as ``pipeline_accuracy/<kind>/<pipeline>``, and each kind's accuracy
+    as ``accuracy/<kind>`` (GSM8K vs HotpotQA, arith vs two-hop)."""
+    tagged = [(s, s.info["tags"]) for s in scores if "pipeline" in s.info.get("tags", {})]
     out: dict[str, float] = {}
-    for kind in sorted({t["kind"] for t in tagged}):
-        of_kind = [(t["pipeline"], s.correct) for s, t in zip(scores, tagged) if t["kind"] == kind]
+    for kind in sorted({t["kind"] for _, t in tagged}):
+        of_kind = [(t["pipeline"], s.correct) for s, t in tagged if t["kind"] == kind]
+        out[f"accuracy/{kind}"] = sum(c for _, c in of_kind) / len(of_kind)
         for pipeline in sorted({p for p, _ in of_kind}):
             hits = [c for p, c in of_kind if p == pipeline]
             out[f"pipeline/{kind}/{pipeline}"] = len(hits) / len(of_kind)

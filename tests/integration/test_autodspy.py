@@ -95,3 +95,25 @@ def test_autodspy_grpo_preset_from_the_cli(tmp_path):
     for kind in {r["kind"] for r in rows}:
         assert sum(v for k, v in shares.items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
     assert summary["faults"]["fault/task_model_restarts"] == 0.0
+
+
+def test_math_envs_use_the_judge_stage_on_wrong_answers_only(ray_session):
+    cfg = load_config(ROOT / "configs/grpo_arith.yaml", [
+        "reward.judge.model=smollm2-135m-instruct", "reward.judge.max_new_tokens=16", "model.dtype=float32",
+        "generator.kv_cache_gb=0.25"], environ={}).absolutized()
+    problem = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("test")[0]
+    services = start_services(cfg)
+    assert set(services) == {"judge"}  # arith has no task model
+    pool = RewardPool(cfg.env, cfg.dataset, cfg.reward, full_cfg=cfg, services=services)
+    try:
+        wrong = str(int(problem.answer) + 1)
+        right, off, silent = pool.score([(problem, problem.answer), (problem, wrong), (problem, "")])
+        counters = service_counters(services)
+    finally:
+        pool.shutdown()
+        stop_services(services)
+    assert right.reward == 1.0 and "judge/called" not in right.info
+    assert silent.reward == 0.0 and "judge/called" not in silent.info  # nothing to judge
+    assert off.info["judge/called"] == 1 and not off.correct and off.info["judge/reply"]
+    assert off.reward == (0.1 if off.info["judge/verdict"] is None else max(0.1, off.info["judge/verdict"]))
+    assert counters["judge_model/requests"] == 1.0

@@ -134,7 +134,8 @@ def test_pipeline_shares_per_kind_and_the_plot(tmp_path):
         "pipeline/math/Predict: question to answer": 2 / 3, "pipeline/math/unparsed": 1 / 3,
         "pipeline/multihop/ChainOfThought: question to answer": 1.0,
         "pipeline_accuracy/math/Predict: question to answer": 0.5, "pipeline_accuracy/math/unparsed": 0.0,
-        "pipeline_accuracy/multihop/ChainOfThought: question to answer": 1.0})
+        "pipeline_accuracy/multihop/ChainOfThought: question to answer": 1.0,
+        "accuracy/math": 1 / 3, "accuracy/multihop": 1.0})
     evals = {"eval_before": {"accuracy": 0.1, **shares}, "eval_after": {"pipeline/math/unparsed": 1.0}}
     assert pipeline_table(evals)["math"]["unparsed"] == {"eval_before": pytest.approx(1 / 3), "eval_after": 1.0}
     assert plot_pipeline_shares(evals, tmp_path / "p.png").stat().st_size > 5000
