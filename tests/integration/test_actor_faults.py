@@ -127,8 +127,9 @@ def slow_length(problem: Problem, completion: str) -> Score:
 
 
 def test_reward_actor_killed_between_and_during_calls(ray_session):
-    pool = RewardPool(EnvConfig(), DatasetConfig(), RewardConfig(num_actors=2, timeout_s=5), reward_fn=slow_length,
-                      fault_cfg=FaultConfig(max_actor_restarts=3))
+    # concurrency=1: each actor scores its 3 items one after another (1.2 s), so a kill lands mid-call
+    pool = RewardPool(EnvConfig(), DatasetConfig(), RewardConfig(num_actors=2, timeout_s=5, concurrency=1),
+                      reward_fn=slow_length, fault_cfg=FaultConfig(max_actor_restarts=3))
     problem = Problem(id="p0", messages=[{"role": "user", "content": "q"}], answer="1")
     items = [(problem, "x" * (i + 1)) for i in range(6)]  # actor 0 scores items 0, 2, 4; actor 1 items 1, 3, 5
     assert [s.reward for s in pool.score(items)] == [1, 2, 3, 4, 5, 6]
