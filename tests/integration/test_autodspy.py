@@ -32,17 +32,28 @@ def scored(ray_session):
     problems = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("test")
     services = start_services(cfg)
     pool = RewardPool(cfg.env, cfg.dataset, cfg.reward, full_cfg=cfg, services=services)
+    # arith with the same judge service: the judge stage for math envs
+    arith_cfg = load_config(ROOT / "configs/grpo_arith.yaml", [
+        "reward.judge.model=smollm2-135m-instruct", "reward.judge.max_new_tokens=16"], environ={}).absolutized()
+    arith = RewardPool(arith_cfg.env, arith_cfg.dataset, arith_cfg.reward, full_cfg=arith_cfg,
+                       services={"judge": services["judge"]})
     try:
         items = [(p, a) for p in problems for a in ACTIONS]
         scores = pool.score(items)
-        yield problems, items, scores, service_counters(services), pool.counters()
+        counters = service_counters(services)
+        problem = make_env(arith_cfg.env, arith_cfg.dataset, cfg=arith_cfg).problems("test")[0]
+        arith_scores = arith.score([(problem, problem.answer), (problem, str(int(problem.answer) + 1)), (problem, "")])
+        after = service_counters(services)
+        yield problems, items, scores, counters, pool.counters(), (arith_scores, after["judge_model/requests"]
+                                                                   - counters["judge_model/requests"])
     finally:
         pool.shutdown()
+        arith.shutdown()
         stop_services(services)
 
 
 def test_dspy_programs_run_on_the_task_model_and_bad_actions_score_zero(scored):
-    problems, items, scores, counters, events = scored
+    problems, items, scores, counters, events, _ = scored
     assert {p.meta["kind"] for p in problems} == {"math", "multihop"} and events == {}
     by_action = {a: [s for (_, b), s in zip(items, scores) if b == a] for a in ACTIONS}
     reasons = {"Foo | question -> answer": "unknown_module", "CoT | question -> answer. Done": "trailing_text",
@@ -62,7 +73,7 @@ def test_dspy_programs_run_on_the_task_model_and_bad_actions_score_zero(scored):
 
 
 def test_the_judge_is_called_only_when_the_regex_stage_fails(scored):
-    _, _, scores, counters, _ = scored
+    _, _, scores, counters, _, _ = scored
     program_calls = sum(s.info["components"].get("dspy_lm_calls", 0.0) for s in scores)
     judged = sum(s.info["components"].get("dspy_judged", 0.0) for s in scores)
     regex_failed = sum(1 for s in scores if s.format_ok and s.info["components"]["dspy_regex"] == 0.0)
@@ -71,6 +82,15 @@ def test_the_judge_is_called_only_when_the_regex_stage_fails(scored):
     assert counters["task_model/requests"] == counters["judge_model/requests"] == program_calls + judged
     # concurrent samples' calls were batched: far fewer generate calls than conversations
     assert counters["task_model/calls"] < counters["task_model/requests"] / 3
+
+
+def test_math_envs_use_the_judge_stage_on_wrong_answers_only(scored):
+    (right, off, silent), judge_requests = scored[-1]
+    assert right.reward == 1.0 and "judge/called" not in right.info
+    assert silent.reward == 0.0 and "judge/called" not in silent.info  # nothing to judge
+    assert off.info["judge/called"] == 1 and not off.correct and off.info["judge/reply"]
+    assert off.reward == (0.1 if off.info["judge/verdict"] is None else max(0.1, off.info["judge/verdict"]))
+    assert judge_requests == 1.0
 
 
 def test_autodspy_grpo_preset_from_the_cli(tmp_path):
@@ -96,24 +116,3 @@ def test_autodspy_grpo_preset_from_the_cli(tmp_path):
         assert sum(v for k, v in shares.items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
     assert summary["faults"]["fault/task_model_restarts"] == 0.0
 
-
-def test_math_envs_use_the_judge_stage_on_wrong_answers_only(ray_session):
-    cfg = load_config(ROOT / "configs/grpo_arith.yaml", [
-        "reward.judge.model=smollm2-135m-instruct", "reward.judge.max_new_tokens=16", "model.dtype=float32",
-        "generator.kv_cache_gb=0.25"], environ={}).absolutized()
-    problem = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("test")[0]
-    services = start_services(cfg)
-    assert set(services) == {"judge"}  # arith has no task model
-    pool = RewardPool(cfg.env, cfg.dataset, cfg.reward, full_cfg=cfg, services=services)
-    try:
-        wrong = str(int(problem.answer) + 1)
-        right, off, silent = pool.score([(problem, problem.answer), (problem, wrong), (problem, "")])
-        counters = service_counters(services)
-    finally:
-        pool.shutdown()
-        stop_services(services)
-    assert right.reward == 1.0 and "judge/called" not in right.info
-    assert silent.reward == 0.0 and "judge/called" not in silent.info  # nothing to judge
-    assert off.info["judge/called"] == 1 and not off.correct and off.info["judge/reply"]
-    assert off.reward == (0.1 if off.info["judge/verdict"] is None else max(0.1, off.info["judge/verdict"]))
-    assert counters["judge_model/requests"] == 1.0

@@ -40,8 +40,10 @@ class DspyEnv:
         self.env_cfg, self.dataset_cfg, self.cfg = env_cfg, dataset_cfg, cfg
         self.judge_cfg = judge_cfg or JudgeConfig()
         self.signatures = tuple(cfg.signatures or SIGNATURES)
-        self.task = BatchingCompleter(task) if task is not None else None
-        self.judge = BatchingCompleter(judge) if judge is not None else None
+        # A 50 ms window: threads reach their first call spread over tens of ms (DSPy formats prompts under
+        # the GIL); with 5 ms, 36 conversations took 12 generate calls. A call itself takes seconds.
+        self.task = BatchingCompleter(task, wait_s=0.05) if task is not None else None
+        self.judge = BatchingCompleter(judge, wait_s=0.05) if judge is not None else None
         self.lm = make_lm(self.task, cfg.task_model, cfg.temperature, cfg.max_new_tokens) if self.task else None
 
     def problems(self, split: str) -> list[Problem]:
