@@ -101,7 +101,7 @@ class GeneratorConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    model: str | None = Field(None, description="judge model on its own generator actor (a local folder or hub id); None: no judge stage. The task model's name (env.name=dspy) shares its pool")
+    model: str | None = Field(None, description="judge model on its own generator actor (a local folder or hub id); None: no judge stage. The task model's name (env.name=dspy) shares its pool. A judged sample waits for the judge: raise reward.timeout_s to match")
     template: str | None = Field(None, description="prompt with {question}, {reference}, {response} (None: raylign.envs.judge.ANSWER_TEMPLATE)")
     max_new_tokens: int = Field(48, ge=1, description="tokens of the judge's answer (it ends with 'Score: N')")
     num_replicas: int = Field(1, ge=1, description="generator actors of the judge model")

@@ -28,13 +28,14 @@ def scored(ray_session):
     """Six problems of the offline mix (math and two-hop), each answered with every action in ACTIONS."""
     cfg = load_config(ROOT / "configs/autodspy_grpo.yaml", [
         "dspy.max_new_tokens=48", "reward.judge.max_new_tokens=16", "generator.kv_cache_gb=0.25", "model.dtype=float32",
-        "dspy.num_math=3", "dspy.num_multihop=3"], environ={}).absolutized()
+        "dspy.num_math=3", "dspy.num_multihop=3", "reward.timeout_s=600"], environ={}).absolutized()
     problems = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("test")
     services = start_services(cfg)
     pool = RewardPool(cfg.env, cfg.dataset, cfg.reward, full_cfg=cfg, services=services)
     # arith with the same judge service: the judge stage for math envs
     arith_cfg = load_config(ROOT / "configs/grpo_arith.yaml", [
-        "reward.judge.model=smollm2-135m-instruct", "reward.judge.max_new_tokens=16"], environ={}).absolutized()
+        "reward.judge.model=smollm2-135m-instruct", "reward.judge.max_new_tokens=16", "reward.timeout_s=120"],
+        environ={}).absolutized()  # a judged sample waits for the judge: far past arith's 5 s default
     arith = RewardPool(arith_cfg.env, arith_cfg.dataset, arith_cfg.reward, full_cfg=arith_cfg,
                        services={"judge": services["judge"]})
     try:
