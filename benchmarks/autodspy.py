@@ -156,6 +156,19 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write(results: dict, section: dict, out_path: Path) -> None:
+    """The headline keys from the parts run so far, the JSON and the plot."""
+    fixed, learned = section.get("fixed", {}), section.get("learned", {})
+    section.update({k: fixed[k] for k in ("best_fixed_accuracy", "random_accuracy", "examples_per_s",
+                                         "judge_share_of_samples", "judge_share_of_reward") if k in fixed})
+    if "learned_accuracy" in learned:
+        section["learned_accuracy"] = learned["learned_accuracy"]
+    RESULTS.mkdir(exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2))
+    if fixed:
+        plot(section, RESULTS / f"autodspy_{section['data']}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["fixed", "learned", "all"], default="all")
@@ -181,15 +194,7 @@ def main() -> None:
             raise SystemExit(f"part {part} failed:\n{proc.stderr[-4000:]}")
         section[part] = json.loads(lines[-1][len("RESULT "):])
         section.setdefault("commands", {})[part] = "python benchmarks/autodspy.py " + " ".join(sys.argv[1:])
-    fixed, learned = section.get("fixed", {}), section.get("learned", {})
-    section.update({k: fixed[k] for k in ("best_fixed_accuracy", "random_accuracy", "examples_per_s",
-                                         "judge_share_of_samples", "judge_share_of_reward") if k in fixed})
-    if "learned_accuracy" in learned:
-        section["learned_accuracy"] = learned["learned_accuracy"]
-    RESULTS.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2))
-    if fixed:
-        plot(section, RESULTS / f"autodspy_{args.data}.png")
+        write(results, section, out_path)  # after each part: a later part's failure keeps the earlier ones
     print(json.dumps({k: v for k, v in section.items() if not isinstance(v, dict) or k == "examples_per_s"}, indent=2))
 
 
