@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def run_part(script: str, name: str) -> dict:
@@ -16,3 +17,20 @@ def run_part(script: str, name: str) -> dict:
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"part {name} failed:\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def step_clock():
+    """A transformers TrainerCallback that records each optimizer step's seconds in its ``step_s`` list."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.step_s: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_s.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_s[-1] = time.perf_counter() - self.step_s[-1]
+
+    return StepClock()

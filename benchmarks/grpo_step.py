@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parts import run_part  # noqa: E402
+from _parts import run_part, step_clock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = int(os.environ.get("RAYLIGN_BENCH_STEPS", "5"))
@@ -64,7 +64,7 @@ def part_raylign() -> dict:
 def part_trl() -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from raylign.config import load_config
@@ -81,14 +81,7 @@ def part_trl() -> dict:
         return [env.reward(Problem(id="", messages=[], answer=a), c[0]["content"]).reward
                 for c, a in zip(completions, answer, strict=True)]
 
-    times: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            times[-1] = time.perf_counter() - times[-1]
+    clock = step_clock()
 
     path = resolve_model(cfg.model)
     torch.manual_seed(0)
@@ -98,10 +91,10 @@ def part_trl() -> dict:
                       lr_scheduler_type="constant", seed=0)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args, reward_funcs=[reward],
                           train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path),
-                          callbacks=[StepClock()])
+                          callbacks=[clock])
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"step_s": times, "rewards": rewards}
+    return {"step_s": clock.step_s, "rewards": rewards}
 
 
 def summarise(ours: dict, trl: dict) -> dict:

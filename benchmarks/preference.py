@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parts import step_clock  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 DPO = {"batch": 8, "lr": 5e-6, "beta": 0.1}
@@ -169,7 +171,7 @@ def _trl_common(steps: int, batch: int, lr: float, bf16: bool, workdir: Path) ->
 def _trl_run(kind: str, data: str, n: int, bf16: bool, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raylign.config import ModelConfig
     from raylign.models import resolve_model
@@ -190,17 +192,10 @@ def _trl_run(kind: str, data: str, n: int, bf16: bool, workdir: Path) -> dict:
         from trl import SFTConfig as TrlConfig, SFTTrainer as Trainer
 
         extra = dict(packing=False)  # completion_only_loss: None = on for prompt-completion rows
-    times: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            times[-1] = time.perf_counter() - times[-1]
+    clock = step_clock()
 
     trainer = Trainer(model=model, args=TrlConfig(**common, **extra), train_dataset=dataset,
-                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepClock()])
+                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[clock])
     prepared = trainer.train_dataset
     if kind == "dpo":
         lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in prepared]
@@ -215,7 +210,7 @@ def _trl_run(kind: str, data: str, n: int, bf16: bool, workdir: Path) -> dict:
     curves = {"loss": [h["loss"] for h in logs]}
     if kind == "dpo":
         curves["reward_accuracy"] = [h.get("rewards/accuracies") for h in logs]
-    return {"train_runtime_s": out.metrics["train_runtime"], "step_s": times, "curves": curves,
+    return {"train_runtime_s": out.metrics["train_runtime"], "step_s": clock.step_s, "curves": curves,
             "loss_tokens": loss_tokens, "longest_sequence": max(lengths), "order": order,
             "torch_threads": torch.get_num_threads(),
             "command": f"{Trainer.__name__}(model, args={TrlConfig.__name__}(**{ {**common, **extra}!r}), ...)"}
