@@ -22,6 +22,7 @@ from raylign.algorithm_config import (  # noqa: F401 - re-exported: callers impo
     SftConfig, _DpoLoss, DpoConfig, OnlineDpoConfig, StepDpoConfig, RestEmConfig, AlgorithmConfig, ALGORITHM_CONFIGS,
 )
 from raylign.config_base import ConfigError, _Section  # noqa: F401
+from raylign.trainer_config import DeepSpeedConfig, LoraConfig, TrainerConfig  # noqa: F401 - re-exported
 
 
 class ModelConfig(_Section):
@@ -127,26 +128,6 @@ class DspyConfig(_Section):
     num_multihop: int = Field(100, ge=1, description="offline mix: synthetic two-hop questions per split")
     text_metric: Literal["em", "f1"] = Field("em", description="text answers (HotpotQA): exact match or token F1")
     fixed_pipeline: bool = Field(False, description="also run the seed's fixed question -> reasoning -> answer pipeline; the reward is the max of the two")
-
-
-class TrainerConfig(_Section):
-    backend: Literal["fsdp2", "ddp"] = Field("fsdp2", description="data-parallel backend of the Ray Train workers")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes) for policy updates")
-    num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray logical CPUs each trainer worker reserves")
-    use_gpu: bool = Field(False, description="one GPU per trainer worker (nccl); CPU workers use gloo")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: the machine's cores / num_workers (training never overlaps generation)")
-    lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    critic_lr: float | None = Field(None, gt=0, description="PPO: learning rate of the critic (value head or separate model); None = 5x lr")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warm-up")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    micro_batch_tokens: int = Field(4096, ge=64, description="token budget of one forward/backward (grad accumulation)")
-    packed_row_tokens: int = Field(1024, ge=0, description="pack the samples of one prompt into rows of at most this many tokens, computing the prompt once per row (0: one sequence per row)")
-    bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    ref_model: Literal["trainer", "actor"] = Field("trainer", description="where the frozen reference model lives when the algorithm needs one (DPO; KL with kl_beta > 0): a bf16 copy in each trainer worker, or one in its own Ray actor")
-    weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
 
 
 class TrainConfig(_Section):
@@ -328,7 +309,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     if first["type"] == "union_tag_invalid":
         return f"{source}: field 'algorithm.name': unknown algorithm {first['input'].get('name')!r}; " \
                f"expected one of {', '.join(ALGORITHM_CONFIGS)}"
-    if not first["loc"] and first["type"] == "value_error":  # a cross-field check: its message names the fields
+    if first["type"] == "value_error" and isinstance(first.get("input"), dict):
+        # a section's cross-field check (model_validator): its message names the fields
         return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
