@@ -36,27 +36,18 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from raylign.actors.lora import adapter_state, is_adapter, merged_hf_state, peft_config_dict, write_adapter
+from raylign.actors.trainable import Trainable
 from raylign.actors.value_head import drop_value_head
-from raylign.actors.train_backends import (
-    Wrapped,
-    gather_model_state,
-    gather_optimizer_state,
-    scatter_model_state,
-    scatter_optimizer_state,
-)
-
+from raylign.config import LoraConfig
 
 
 class TrainerState(Protocol):
     """What checkpointing reads and restores of a trainer worker (``TrainerWorker`` has these); a Protocol,
     so this module does not import the worker that imports it."""
 
-    policy: Wrapped
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    critic: Wrapped | None
-    critic_optimizer: torch.optim.Optimizer | None
-    critic_scheduler: Any
+    policy: Trainable  # holds its optimizer and scheduler
+    critic: Trainable | None
     steps: int
     rank: int
     world: int
@@ -102,16 +93,34 @@ def _atomic_json(obj: dict, path: Path) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj)))
 
 
-def save_weights(wrapped: Wrapped, path: str, rank: int) -> None:
-    state = drop_value_head(gather_model_state(wrapped))
-    if rank == 0:
-        if getattr(wrapped.inner.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # the embedding again; both generator backends re-tie it
-        _atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, Path(path))
+def hf_state(wrapped: Trainable, lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """The policy as plain HF weights (adapters merged, no value head) on rank 0 ({} elsewhere). Collective."""
+    state = drop_value_head(wrapped.gather_state())
+    return merged_hf_state(state, lora.alpha, lora.r) if lora.enabled and state else state
 
 
-def export_hf(wrapped: Wrapped, model_path: str, out_dir: str, rank: int) -> None:
-    state = drop_value_head(gather_model_state(wrapped))
+def save_weights(wrapped: Trainable, path: str, rank: int, lora: LoraConfig | None = None) -> int:
+    state = hf_state(wrapped, lora or LoraConfig())
+    if rank != 0:
+        return 0
+    if getattr(wrapped.inner.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding again; both generator backends re-tie it
+    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    _atomic_save(bf16, Path(path))
+    return sum(t.numel() * t.element_size() for t in bf16.values())
+
+
+def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir: str, rank: int) -> int:
+    """Adapter-only sync: gathers and writes only the LoRA tensors (bf16), as a peft adapter folder."""
+    tensors = adapter_state(wrapped.gather_params(is_adapter))
+    if rank != 0:
+        return 0
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    return write_adapter(Path(out_dir), tensors, peft_config_dict(lora, model_path), _atomic_save)
+
+
+def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None) -> None:
+    state = hf_state(wrapped, lora or LoraConfig())
     if rank != 0:
         return
     out, src = Path(out_dir), Path(model_path)
@@ -206,21 +215,21 @@ def write_part(out: Path, files: PartFiles, model_state: dict, optim_state: dict
 
 
 def save_trainer_checkpoint(worker: TrainerState, out_dir: str) -> None:
-    policy = gather_model_state(worker.policy), gather_optimizer_state(worker.policy, worker.optimizer)
+    policy = worker.policy.gather_state(), worker.policy.gather_optimizer()
     separate = _separate_critic(worker)
     if separate:
-        critic = gather_model_state(worker.critic), gather_optimizer_state(worker.critic, worker.critic_optimizer)
+        critic = worker.critic.gather_state(), worker.critic.gather_optimizer()
     rngs = [None] * worker.world if worker.rank == 0 else None
     dist.gather_object(rng_to_json(rng_state()), rngs, dst=0)
     if worker.rank != 0:
         return
     out = Path(out_dir)
     write_part(out, POLICY_FILES, *policy)
-    state = {"format_version": FORMAT_VERSION, "steps": worker.steps, "scheduler": worker.scheduler.state_dict(),
+    state = {"format_version": FORMAT_VERSION, "steps": worker.steps, "scheduler": worker.policy.scheduler.state_dict(),
              "rng": rngs}
     if separate:
         write_part(out, CRITIC_FILES, *critic)
-        state["critic_scheduler"] = worker.critic_scheduler.state_dict()
+        state["critic_scheduler"] = worker.critic.scheduler.state_dict()
     _atomic_json(state, out / STATE_FILE)  # last, so a folder with it has the other files
 
 
@@ -292,10 +301,10 @@ def check_trainer_checkpoint(src: Path) -> tuple[dict, dict[str, dict]]:
     return state, metas
 
 
-def _load_part(rank: int, wrapped: Wrapped, optimizer, src: Path, files: PartFiles, meta: dict | None) -> None:
-    scatter_model_state(wrapped, load_file(src / files.model) if rank == 0 else {})
+def _load_part(rank: int, wrapped: Trainable, src: Path, files: PartFiles, meta: dict | None) -> None:
+    wrapped.scatter_state(load_file(src / files.model) if rank == 0 else {})
     optim_state = optimizer_from_files(load_file(src / files.optimizer), meta) if rank == 0 else {}
-    scatter_optimizer_state(wrapped, optimizer, optim_state)
+    wrapped.scatter_optimizer(optim_state)
 
 
 def _checked_on_rank0(src: Path) -> tuple[dict | str, dict]:
@@ -327,11 +336,10 @@ def load_trainer_checkpoint(worker: TrainerState, in_dir: str) -> None:
     if ("critic_scheduler" in state) != _separate_critic(worker):
         raise ValueError(f"trainer checkpoint {src} {'has' if 'critic_scheduler' in state else 'lacks'} a "
                          f"separate critic and this group {'does not' if 'critic_scheduler' in state else 'does'}")
-    _load_part(worker.rank, worker.policy, worker.optimizer, src, POLICY_FILES, metas.get(POLICY_FILES.model))
+    _load_part(worker.rank, worker.policy, src, POLICY_FILES, metas.get(POLICY_FILES.model))
     if "critic_scheduler" in state:
-        _load_part(worker.rank, worker.critic, worker.critic_optimizer, src, CRITIC_FILES,
-                   metas.get(CRITIC_FILES.model))
-        worker.critic_scheduler.load_state_dict(state["critic_scheduler"])
-    worker.scheduler.load_state_dict(state["scheduler"])
+        _load_part(worker.rank, worker.critic, src, CRITIC_FILES, metas.get(CRITIC_FILES.model))
+        worker.critic.scheduler.load_state_dict(state["critic_scheduler"])
+    worker.policy.scheduler.load_state_dict(state["scheduler"])
     worker.steps = state["steps"]
     set_rng_state(rng_from_json(state["rng"][worker.rank]))

@@ -7,16 +7,18 @@ commands), and a failing command answers with its traceback instead of killing t
 Commands are checked on every rank before the first collective, so a bad command (unknown loss, bad
 batch) fails the same way everywhere and leaves no rank waiting in an all-gather.
 
-Weights: fp32 master copy, fused AdamW, LambdaLR (trainer_math.lr_multiplier); bf16 compute per the backend
-(train_backends). The optional reference model (``ref_model: trainer``) is a frozen bf16 HF model, not
-sharded, on every rank: reference log-probs need no collectives (``ref_model: actor`` keeps it in a
-ReferenceActor instead). Forwards use trainer_math's packed rows: the samples of one prompt share a row.
+Weights: fp32 master copy, fused AdamW, LambdaLR (trainer_math.lr_multiplier); bf16 compute, backward, the
+optimizer step and state reads per the backend (train_backends: FSDP2, DDP, DeepSpeed ZeRO). With
+``trainer.lora`` the policy carries peft adapters (lora.py) and only they train. The optional reference model
+(``ref_model: trainer``) is a frozen bf16 HF model, not sharded, on every rank: reference log-probs need no
+collectives (``ref_model: actor`` keeps it in a ReferenceActor instead); with LoRA the reference is the
+policy with its adapter disabled, run in lockstep like the policy. Forwards use trainer_math's packed rows: the samples of one prompt share a row.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 import random
 import time
 import traceback
@@ -30,7 +32,9 @@ import torch
 import torch.distributed as dist
 
 from raylign.actors import trainer_checkpoint as ckpt
-from raylign.actors.train_backends import TRAIN_BACKENDS, Wrapped
+from raylign.actors.lora import apply_lora
+from raylign.actors.train_backends import TRAIN_BACKENDS
+from raylign.actors.trainable import Trainable
 from raylign.actors.trainer_math import (
     check_batch,
     loss_units,
@@ -43,7 +47,7 @@ from raylign.actors.trainer_math import (
     unpad,
     work_plan,
 )
-from raylign.actors.value_head import attach_value_head, take_values
+from raylign.actors.value_head import VALUE_HEAD, attach_value_head, take_values
 from raylign.algorithms.registry import LOSSES
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.models import load_hf_model
@@ -77,7 +81,7 @@ class TrainStep:
 
 @dataclass
 class SaveWeights:
-    path: str
+    path: str  # a safetensors file; with LoRA a peft adapter folder (adapter-only sync)
 
 
 @dataclass
@@ -147,22 +151,26 @@ class TrainerWorker:
         critic_lr = self.cfg.critic_lr or 5 * self.cfg.lr
         if spec.critic == "value_head":
             attach_value_head(model)
-        self.policy: Wrapped = TRAIN_BACKENDS[self.cfg.backend](model, self.cfg)
-        groups = [{"params": [p for n, p in self.policy.model.named_parameters() if "raylign_value_head" not in n]},
-                  {"params": [p for n, p in self.policy.model.named_parameters() if "raylign_value_head" in n],
-                   "lr": critic_lr}]
-        self.optimizer, self.scheduler = self._optimizer([g for g in groups if g["params"]])
+        self.lora = self.cfg.lora.enabled
+        if self.lora:
+            model = apply_lora(model, self.cfg.lora, spec.seed)
+
+        def policy_groups(named):
+            return [{"params": [p for n, p in named if VALUE_HEAD not in n.split(".")]},
+                    {"params": [p for n, p in named if VALUE_HEAD in n.split(".")], "lr": critic_lr}]
+
+        backend = TRAIN_BACKENDS[self.cfg.backend]
+        self.policy: Trainable = backend(model, self.cfg, lambda named: [g for g in policy_groups(named) if g["params"]],
+                                         self._lr_lambda)
         # The model whose head gives V(s_t): the policy itself, a separate critic, or none (no PPO).
-        self.critic: Wrapped | None = self.policy if spec.critic == "value_head" else None
-        self.critic_optimizer = self.critic_scheduler = None
+        self.critic: Trainable | None = self.policy if spec.critic == "value_head" else None
         if spec.critic == "separate":
             critic = load_hf_model(spec.model_path, "float32", spec.model_cfg.trust_remote_code).to(self.device)
             attach_value_head(critic)
-            self.critic = TRAIN_BACKENDS[self.cfg.backend](critic, self.cfg)
-            self.critic_optimizer, self.critic_scheduler = self._optimizer(
-                [{"params": list(self.critic.model.parameters()), "lr": critic_lr}])
+            self.critic = backend(critic, self.cfg, lambda named: [{"params": [p for _, p in named], "lr": critic_lr}],
+                                  self._lr_lambda)
         self.ref = None
-        if spec.reference:
+        if spec.reference and not self.lora:
             # bf16 where the policy computes in bf16; fp32 otherwise (trainer.bf16=false: on CPUs without native
             # bf16 a bf16 forward took 2x the whole DPO train step), so a fresh policy equals its reference
             ref_dtype = "bfloat16" if self.cfg.bf16 else "float32"
@@ -174,13 +182,8 @@ class TrainerWorker:
                          SaveCheckpoint: self.save_checkpoint, LoadCheckpoint: self.load_checkpoint,
                          ExportHF: self.export_hf}
 
-    def _optimizer(self, groups: list[dict]):
-        # fused: one kernel over all tensors; on CPU the default per-parameter loop took 0.7-1.0 s a step for
-        # SmolLM2-135M, fused 0.07 s (FSDP2 DTensors included)
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-            step, self.cfg.lr_schedule, self.cfg.warmup_steps, self.spec.total_steps))
-        return optimizer, scheduler
+    def _lr_lambda(self, step: int) -> float:
+        return lr_multiplier(step, self.cfg.lr_schedule, self.cfg.warmup_steps, self.spec.total_steps)
 
     def _tensors(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in pad_batch(batch, self.pad_id, self.row_tokens).items()}
@@ -188,7 +191,7 @@ class TrainerWorker:
     def _plan(self, batch: TrainBatch, minibatches: int = 1) -> list[list[list[list[int]]]]:
         return work_plan(batch, self.world, minibatches, self.cfg.micro_batch_tokens, self.row_tokens)
 
-    def _dummy_forward(self, wrapped: Wrapped | None = None, values: bool = True) -> torch.Tensor:
+    def _dummy_forward(self, wrapped: Trainable | None = None, values: bool = True) -> torch.Tensor:
         # Keeps this rank in step with ranks that have more micro-batches (FSDP2 all-gathers every forward).
         # ``values``: the real micro-batches use the value head, so the dummy's backward must reach it too
         # (a gradient on one rank and none on another makes the reduce-scatters differ and gloo abort).
@@ -228,19 +231,21 @@ class TrainerWorker:
     def logprobs(self, cmd: Logprobs) -> dict[int, list[float]]:
         if cmd.which not in ("policy", "ref"):
             raise ValueError(f"which must be 'policy' or 'ref', got {cmd.which!r}")
-        if cmd.which == "ref" and self.ref is None:
+        base_ref = cmd.which == "ref" and self.lora  # the policy with its adapter off
+        if cmd.which == "ref" and self.ref is None and not base_ref:
             raise ValueError("no reference model in the trainer (built only for algorithms that need one, "
                              "with trainer.ref_model=trainer)")
         batch: TrainBatch = ray.get(cmd.batch_ref)
         check_batch(batch)
         plan = [steps[0] for steps in self._plan(batch)]
         mine = plan[self.rank]
-        # The unsharded reference needs no lockstep; the policy does (see _dummy_forward).
-        rounds = len(mine) if cmd.which == "ref" else max(len(p) for p in plan)
-        model = self.ref if cmd.which == "ref" else self.policy.model
+        # The unsharded reference needs no lockstep; the policy (also with its adapter off) does (_dummy_forward).
+        rounds = len(mine) if cmd.which == "ref" and not base_ref else max(len(p) for p in plan)
+        model = self.ref if cmd.which == "ref" and not base_ref else self.policy.model
         model.eval()
         out: dict[int, list[float]] = {}
-        with torch.no_grad(), self.policy.compute():
+        adapter_off = self.policy.inner.disable_adapter() if base_ref else nullcontext()
+        with torch.no_grad(), self.policy.compute(), adapter_off:
             for k in range(rounds):
                 if k >= len(mine):
                     self._dummy_forward()
@@ -278,9 +283,8 @@ class TrainerWorker:
             if rounds == 0:
                 continue  # fewer sequences than minibatches: no rank has work for this step
             total = sum(loss_units(batch, mb, agg) for g in groups for mb in g)
-            self.optimizer.zero_grad(set_to_none=True)
-            if two_models:
-                self.critic_optimizer.zero_grad(set_to_none=True)
+            for wrapped in models:
+                wrapped.zero_grad()
             mine = groups[self.rank]
             for k in range(rounds):
                 with ExitStack() as sync:
@@ -293,7 +297,7 @@ class TrainerWorker:
                     else:
                         with self.policy.compute():
                             loss = sum(self._dummy_forward(w, "values_B_T" in wants) for w in models) * 0.0
-                        loss.backward()
+                        self.policy.backward(loss)
             self._optimizer_step(stats, two_models)
         stats["optimizer_steps"] = self.steps
         return stats
@@ -315,7 +319,7 @@ class TrainerWorker:
                 fields["entropy_B_T"] = entropy_B_T
             loss, metrics = LOSSES[cmd.loss_name].fn(logprobs_B_T=logprobs_B_T, mask_B_T=tensors["mask_B_T"],
                                                   **fields, **cmd.loss_kwargs)
-        (loss * scale).backward()
+        self.policy.backward(loss * scale)  # a separate critic's parameters get their gradients from it too
         metrics = {**metrics, "loss/total": loss.item()}
         for key, value in metrics.items():
             stats["sums"][key] = stats["sums"].get(key, 0.0) + units * float(value)
@@ -324,21 +328,20 @@ class TrainerWorker:
         stats["tokens"] += float(tensors["mask_B_T"].sum())
 
     def _optimizer_step(self, stats: dict, with_critic: bool = False) -> None:
-        stats["grad_norms"].append(_clip(self.policy, self.cfg.max_grad_norm))
-        stats["lrs"].append(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
+        stats["lrs"].append(self.policy.lr())
+        stats["grad_norms"].append(self.policy.step(self.cfg.max_grad_norm))
         if with_critic:
-            stats.setdefault("critic_grad_norms", []).append(_clip(self.critic, self.cfg.max_grad_norm))
-            self.critic_optimizer.step()
-            self.critic_scheduler.step()
+            stats.setdefault("critic_grad_norms", []).append(self.critic.step(self.cfg.max_grad_norm))
         self.steps += 1
 
-    def save_weights(self, cmd: SaveWeights) -> None:
-        ckpt.save_weights(self.policy, cmd.path, self.rank)
+    def save_weights(self, cmd: SaveWeights) -> int:
+        """Bytes written: the whole bf16 model, or with LoRA only the adapter."""
+        if self.lora:
+            return ckpt.save_adapter(self.policy, self.cfg.lora, self.spec.model_path, cmd.path, self.rank)
+        return ckpt.save_weights(self.policy, cmd.path, self.rank)
 
     def export_hf(self, cmd: ExportHF) -> None:
-        ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank)
+        ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank, self.cfg.lora)
 
     def save_checkpoint(self, cmd: SaveCheckpoint) -> None:
         ckpt.save_trainer_checkpoint(self, cmd.dir)
@@ -357,13 +360,6 @@ class TrainerWorker:
             return Reply(cmd_id, self.rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                          seconds=time.perf_counter() - started)
         return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
-
-
-def _clip(wrapped: Wrapped, max_norm: float) -> float:
-    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.model.parameters(), max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-        grad_norm = grad_norm.full_tensor()
-    return float(grad_norm)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -34,7 +34,8 @@ def attach_value_head(model: nn.Module) -> None:
 
 def take_values(model: nn.Module) -> torch.Tensor:
     """V for every input position (B, L) from the model's last forward; clears it so no graph is kept."""
-    values_B_L = model.__dict__.pop(_STASH, None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model holds it
+    values_B_L = base.__dict__.pop(_STASH, None)
     if values_B_L is None:
         raise RuntimeError("no value-head output: the model has no value head or was not run")
     return values_B_L
@@ -42,4 +43,4 @@ def take_values(model: nn.Module) -> torch.Tensor:
 
 def drop_value_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The policy's weights for generators and HF exports: without the critic's head."""
-    return {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD + ".")}
+    return {k: v for k, v in state.items() if VALUE_HEAD not in k.split(".")}

@@ -73,6 +73,7 @@ class TrainerGroup:
             raise ValueError(f"trainer.lr_schedule={cfg.lr_schedule!r} needs total_steps")
         self.cfg, self.world = cfg, cfg.num_workers
         self.command_timeout_s = command_timeout_s
+        self.last_sync_bytes = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()  # one command in flight: replies of a second one would be dropped
         self._broken: str | None = None
@@ -140,9 +141,11 @@ class TrainerGroup:
         return merge_step_metrics(per_rank)
 
     def save_weights(self, path: str) -> float:
-        """Write one bf16 safetensors file (HF names, no tied lm_head, no value head) atomically; returns seconds."""
+        """Write one bf16 safetensors file (HF names, no tied lm_head, no value head) atomically, or with
+        ``trainer.lora`` a peft adapter folder at ``path`` holding only the adapter; returns seconds.
+        ``last_sync_bytes``: the tensor bytes it wrote."""
         started = time.monotonic()
-        self._call(SaveWeights(str(path)))
+        self.last_sync_bytes = int(self._call(SaveWeights(str(path)))[0])
         return time.monotonic() - started
 
     def save_checkpoint(self, dir: str) -> None:

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 
 import raylign.actors.trainer_checkpoint as tc
 import raylign.orchestrator.checkpoint as oc
-from raylign.actors.train_backends import Wrapped, gather_model_state, gather_optimizer_state
+from raylign.actors.trainable import Trainable
 from raylign.orchestrator.checkpoint import (CheckpointError, checkpoint_meta, latest_checkpoint,
                                              read_driver_state, save_checkpoint, verify_checkpoint)
 
@@ -36,8 +36,8 @@ def train_step(model, optimizer, scheduler, seed: int) -> None:
     scheduler.step()
 
 
-def wrapped(model) -> Wrapped:
-    return Wrapped(model=model, inner=model, compute=None, grad_sync=None)
+def wrapped(model, optimizer=None) -> Trainable:
+    return Trainable(model=model, inner=model, optimizer=optimizer, scheduler=None)
 
 
 @pytest.fixture
@@ -72,8 +72,8 @@ def assert_same_tensors(got: dict, want: dict) -> None:
 
 
 def write_trainer(folder: Path, model, optimizer, scheduler) -> dict:
-    tc.write_part(folder, tc.POLICY_FILES, gather_model_state(wrapped(model)),
-                  gather_optimizer_state(wrapped(model), optimizer))
+    tc.write_part(folder, tc.POLICY_FILES, wrapped(model).gather_state(),
+                  wrapped(model, optimizer).gather_optimizer())
     state = {"format_version": tc.FORMAT_VERSION, "steps": 2, "scheduler": scheduler.state_dict(),
              "rng": [tc.rng_to_json(tc.rng_state())]}
     (folder / tc.STATE_FILE).write_text(json.dumps(state))
@@ -82,14 +82,14 @@ def write_trainer(folder: Path, model, optimizer, scheduler) -> dict:
 
 def test_optimizer_state_round_trips_bit_exactly_and_the_next_step_matches(trained, tmp_path):
     model, optimizer, scheduler = trained
-    original = gather_optimizer_state(wrapped(model), optimizer)
+    original = wrapped(model, optimizer).gather_optimizer()
     state = write_trainer(tmp_path, model, optimizer, scheduler)
     model2, optimizer2, scheduler2 = restore(tmp_path, state["scheduler"])
 
     loaded = read_optimizer(tmp_path)
     assert loaded["param_groups"] == original["param_groups"]  # hyper-parameters, betas a tuple again
     assert_same_tensors(loaded["state"], original["state"])
-    assert_same_tensors(gather_optimizer_state(wrapped(model2), optimizer2)["state"], original["state"])
+    assert_same_tensors(wrapped(model2, optimizer2).gather_optimizer()["state"], original["state"])
     assert original["state"]["0.weight"]["step"].dtype == torch.float32  # fused AdamW: fp32 scalar steps
     assert original["state"]["0.weight"]["step"].shape == () and original["state"]["0.weight"]["step"].item() == 2
 
@@ -151,8 +151,8 @@ def test_trainer_check_covers_a_separate_critic(trained, tmp_path):
     (tmp_path / tc.STATE_FILE).write_text(json.dumps({**state, "critic_scheduler": scheduler.state_dict()}))
     with pytest.raises(ValueError, match=f"{tmp_path / tc.CRITIC_FILES.model} is missing"):
         tc.check_trainer_checkpoint(tmp_path)
-    tc.write_part(tmp_path, tc.CRITIC_FILES, gather_model_state(wrapped(model)),
-                  gather_optimizer_state(wrapped(model), optimizer))
+    tc.write_part(tmp_path, tc.CRITIC_FILES, wrapped(model).gather_state(),
+                  wrapped(model, optimizer).gather_optimizer())
     _, metas = tc.check_trainer_checkpoint(tmp_path)
     assert metas.keys() == {tc.POLICY_FILES.model, tc.CRITIC_FILES.model}
 
