@@ -201,6 +201,9 @@ class Config(_Section):
                              f"({self.algorithm.prompts_per_step}): a prompt's samples stay in one minibatch")
         if self.algorithm.name in ("grpo", "rloo", "online_dpo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
+        if self.trainer.backend == "deepspeed" and getattr(self.algorithm, "critic", None) == "separate":
+            raise ValueError("algorithm.critic=separate does not run on trainer.backend=deepspeed (one backward through "
+                             "two engines); use algorithm.critic=value_head, or trainer.backend=fsdp2")
         evals = [f"train.{k}" for k in ("eval_before", "eval_after") if getattr(self.train, k)]
         if self.train.eval_limit == 0 and evals:
             raise ValueError(f"train.eval_limit=0 leaves nothing to evaluate but {' and '.join(evals)} "

@@ -86,6 +86,9 @@ class TrainerConfig(_Section):
         if self.lora.quantize == "4bit" and not self.use_gpu:
             raise ValueError("trainer.lora.quantize=4bit (QLoRA, bitsandbytes NF4) needs a GPU: set trainer.use_gpu=true "
                              "or trainer.lora.quantize=none")
+        if self.lora.quantize == "4bit" and (self.backend == "fsdp2" or self.backend == "deepspeed" and self.deepspeed.zero_stage == 3):
+            raise ValueError("trainer.lora.quantize=4bit runs on trainer.backend=ddp or deepspeed with zero_stage <= 2 "
+                             "(FSDP2 and ZeRO-3 shard parameters, and a 4-bit weight cannot be sharded)")
         if self.lora.quantize == "4bit" and not self.lora.enabled:
             raise ValueError("trainer.lora.quantize=4bit needs trainer.lora.enabled=true (only adapters train on a 4-bit base)")
         return self

@@ -52,6 +52,22 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
     return peft_model
 
 
+def load_4bit(path: str, trust_remote_code: bool, device: torch.device) -> nn.Module:
+    """QLoRA's base: the HF model with its linear weights in bitsandbytes NF4 (bf16 compute), on this GPU."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("trainer.lora.quantize=4bit needs bitsandbytes: pip install 'raylign[gpu]' bitsandbytes") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": device}, trust_remote_code=trust_remote_code)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def peft_config_dict(cfg: LoraConfig, base_model: str) -> dict:
     """adapter_config.json as peft writes it for these settings (read by peft and vLLM)."""
     from peft import LoraConfig as PeftLoraConfig

@@ -121,9 +121,14 @@ def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir:
 
 def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None) -> None:
     state = hf_state(wrapped, lora or LoraConfig())
-    if rank != 0:
-        return
-    out, src = Path(out_dir), Path(model_path)
+    if rank == 0:
+        write_hf_folder(state, model_path, Path(out_dir), getattr(wrapped.inner.config, "tie_word_embeddings", False))
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, tied: bool) -> None:
+    """A plain HF folder: the source model's config (dtype bf16), tokenizer and generation files, and the
+    given HF-named weights as bf16 ``model.safetensors`` (without a tied lm_head, as save_pretrained writes)."""
+    src = Path(model_path)
     out.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.is_file() and not any(item.match(p) for p in _NOT_EXPORTED):
@@ -133,8 +138,7 @@ def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora
         if key in config:
             config[key] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if getattr(wrapped.inner.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
     _atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from raylign.actors import trainer_checkpoint as ckpt
-from raylign.actors.lora import apply_lora
+from raylign.actors.lora import apply_lora, load_4bit
 from raylign.actors.train_backends import TRAIN_BACKENDS
 from raylign.actors.trainable import Trainable
 from raylign.actors.trainer_math import (
@@ -143,7 +143,10 @@ class TrainerWorker:
         random.seed(spec.seed + rank)
         np.random.seed(spec.seed + rank)
         self.device = _device(self.cfg)
-        model = load_hf_model(spec.model_path, "float32", spec.model_cfg.trust_remote_code).to(self.device)
+        if self.cfg.lora.quantize == "4bit":  # QLoRA: a frozen NF4 base on this GPU
+            model = load_4bit(spec.model_path, spec.model_cfg.trust_remote_code, self.device)
+        else:
+            model = load_hf_model(spec.model_path, "float32", spec.model_cfg.trust_remote_code).to(self.device)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0

@@ -1,0 +1,50 @@
+"""``raylign export RUN_DIR``: a run's trained policy as a plain Hugging Face folder (``--merge``, the default)
+or, for a LoRA run, as a peft adapter folder (``--adapter``). Reads the run's latest complete checkpoint
+(its fp32 trainer weights and the config it recorded), on this machine, without Ray or the trainer.
+Both outputs load in transformers and vLLM (the adapter through ``LoRARequest`` or ``PeftModel``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from raylign.actors.lora import adapter_state, is_peft_state, merged_hf_state, peft_config_dict, write_adapter
+from raylign.actors.trainer_checkpoint import MODEL_FILE, _atomic_save, write_hf_folder
+from raylign.actors.value_head import drop_value_head
+from raylign.config import Config
+from raylign.models import resolve_model
+from raylign.orchestrator.checkpoint import latest_checkpoint, read_driver_state, verify_checkpoint
+
+
+class ExportError(ValueError):
+    """A run folder that cannot be exported; the message names the folder and what is wrong."""
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, adapter: bool = False) -> Path:
+    run, out = Path(run_dir), Path(out_dir)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise ExportError(f"{run}: no complete checkpoint under {run / 'checkpoints'} (is it a raylign run folder?)")
+    verify_checkpoint(ckpt)
+    cfg = Config.model_validate(read_driver_state(ckpt)["config"])
+    lora = cfg.trainer.lora
+    state = load_file(ckpt / MODEL_FILE)
+    if lora.enabled != is_peft_state(state):
+        raise ExportError(f"{ckpt / MODEL_FILE}: its weights {'have' if is_peft_state(state) else 'lack'} LoRA "
+                          f"adapters but the run's config says trainer.lora.enabled={lora.enabled}")
+    model_path = resolve_model(cfg.model)
+    if adapter:
+        if not lora.enabled:
+            raise ExportError(f"{run}: trained the full model (trainer.lora.enabled=false), so there is no adapter; "
+                              f"export it with --merge")
+        tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in adapter_state(state).items()}
+        write_adapter(out, tensors, peft_config_dict(lora, model_path), _atomic_save)
+        return out
+    hf = drop_value_head(state)
+    hf = merged_hf_state(hf, lora.alpha, lora.r) if lora.enabled else hf
+    tied = bool(json.loads((Path(model_path) / "config.json").read_text()).get("tie_word_embeddings"))
+    write_hf_folder(hf, model_path, out, tied)
+    return out
