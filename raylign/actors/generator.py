@@ -21,7 +21,8 @@ Prompt = list[int] | list[dict[str, str]]  # token ids, or chat messages rendere
 
 @ray.remote
 class GeneratorActor:
-    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, replica: int = 0):
+    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, replica: int = 0,
+                 lora_rank: int | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -32,7 +33,7 @@ class GeneratorActor:
         self.version = 0
         self.hang_s = 0.0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        self.backend = GENERATORS[gen_cfg.backend](model_path, model_cfg, gen_cfg)
+        self.backend = GENERATORS[gen_cfg.backend](model_path, model_cfg, gen_cfg, lora_rank=lora_rank)
 
     def ready(self) -> int:
         return self.replica
@@ -49,9 +50,11 @@ class GeneratorActor:
         return groups
 
     def load_weights(self, path: str, version: int) -> float:
-        """Load a safetensors file written by the trainer; returns seconds taken."""
+        """Serve the trainer's weights for ``version``: a safetensors file of full weights, or a peft LoRA adapter
+        folder (needs ``lora_rank`` on vLLM); returns seconds taken. A bad folder raises ``AdapterError`` and the
+        previous weights and version stay."""
         start = time.perf_counter()
-        self.backend.load_weights(path)
+        self.backend.load_weights(path, version)
         self.version = version
         return time.perf_counter() - start
 

@@ -9,11 +9,15 @@ that dies or misses it is killed and replaced under the same index; the pool rem
 policy version, and the lost chunk is handed out again: the call still returns n samples per prompt. The
 replacement's start-up overlaps the rest of the call (the next control call waits for it). Past
 ``fault.max_generator_restarts`` replacements the pool raises ``GeneratorPoolError``.
+
+``lora_rank`` (the trainer's LoRA rank; None without LoRA) starts the replicas able to serve the peft adapter
+folders ``load_weights`` may then pass instead of a full-weights file; a replay reloads the folder the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,8 +65,9 @@ class _Job:
 
 class GeneratorPool:
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig,
-                 fault_cfg: FaultConfig | None = None):
+                 fault_cfg: FaultConfig | None = None, lora_rank: int | None = None):
         self.args = (model_path, model_cfg, gen_cfg)
+        self.lora_rank = lora_rank
         self.cfg = gen_cfg
         self.fault = fault_cfg or FaultConfig()
         self.restarts = RestartBudget("generator", self.fault.max_generator_restarts,
@@ -75,7 +80,7 @@ class GeneratorPool:
 
     def _start(self, replica: int):
         return GeneratorActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus).remote(
-            *self.args, replica=replica)
+            *self.args, replica=replica, lora_rank=self.lora_rank)
 
     def spec(self, **changes) -> SamplingSpec:
         base = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
@@ -175,6 +180,8 @@ class GeneratorPool:
         return out
 
     def load_weights(self, path: str, version: int) -> list[float]:
+        """Every replica serves ``path`` (full-weights file or adapter folder) as ``version``; seconds each took."""
+        path = os.path.abspath(path)  # once, here: the replicas and their replacements read the same path
         self.weights = (path, version)  # set first: a replica replaced during the load comes back with these
         return self._each("load_weights", lambda i: (path, version))
 

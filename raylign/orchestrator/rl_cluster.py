@@ -66,7 +66,8 @@ class RayCluster:
         with self.timer.phase("startup"):
             self.trainer = self._start_trainer()
             if algorithm.generation(cfg.algorithm) or evals:
-                self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
+                self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault,
+                                                lora_rank=cfg.trainer.lora.r if cfg.trainer.lora.enabled else None)
                 self.services = start_services(cfg)  # models the reward calls: task model (dspy), judge
                 # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
                 rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,

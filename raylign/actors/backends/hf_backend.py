@@ -1,16 +1,23 @@
-"""transformers ``generate`` as a generation backend: slower than vLLM, but runs anywhere torch does."""
+"""transformers ``generate`` as a generation backend: slower than vLLM, but runs anywhere torch does.
+
+A weight sync is a safetensors file of full weights, or a peft LoRA adapter folder (``adapters.py``). An adapter
+is merged into the model's own weights: W = W0 + scale * B @ A, always from a pristine copy W0 of each adapted
+layer, so the next version replaces the last instead of adding to it. A full-weights file becomes the new W0 and
+turns any adapter off. Adapters of any rank merge here, so ``lora_rank`` only keeps one backend signature.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from raylign.actors.backends.adapters import is_adapter_path, read_adapter
 from raylign.actors.backends.weights import iter_safetensors
 from raylign.config import GeneratorConfig, ModelConfig
 from raylign.types import Completion, SamplingSpec
 
 
 class HFBackend:
-    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig):
+    def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, lora_rank: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(gen_cfg.seed)
@@ -21,6 +28,8 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.batch_size = gen_cfg.batch_size
+        self.linears = _linears(self.model)
+        self.base: dict[str, torch.Tensor] = {}  # W0 of each layer an adapter has touched since the last full load
 
     @torch.no_grad()
     def generate(self, prompts_ids: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
@@ -60,12 +69,38 @@ class HFBackend:
     def reseed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
-    def load_weights(self, path: str) -> None:
+    @torch.no_grad()
+    def load_weights(self, path: str, version: int) -> None:
+        if is_adapter_path(path):
+            self._merge_adapter(path)
+            return
+        self._restore_base()
+        self.base = {}  # the file's weights are the new base
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in iter_safetensors(path):
-                if name in params:
-                    params[name].copy_(tensor)
+        for name, tensor in iter_safetensors(path):
+            if name in params:
+                params[name].copy_(tensor)
+
+    def _merge_adapter(self, folder: str) -> None:
+        shapes = {name: tuple(layer.weight.shape) for name, layer in self.linears.items()}
+        adapter = read_adapter(folder, shapes)  # checked whole before any weight changes
+        self._restore_base()
+        for name, A_r_In, B_Out_r in adapter.factors():
+            weight = self.linears[name].weight
+            base = self.base.setdefault(name, weight.detach().clone())
+            weight.copy_((base.float() + adapter.scale * (B_Out_r.float() @ A_r_In.float())).to(weight.dtype))
+
+    def _restore_base(self) -> None:
+        for name, base in self.base.items():
+            self.linears[name].weight.copy_(base)
+
+
+def _linears(model) -> dict[str, torch.nn.Linear]:
+    """The linear layers an adapter may target, by module name; a head tied to the embedding is left out (merging
+    into it would change the embedding too, where peft adapts the head alone)."""
+    embedding = model.get_input_embeddings().weight
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module.weight is not embedding}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
