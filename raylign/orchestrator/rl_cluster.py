@@ -9,6 +9,7 @@ default) and loaded by each replica: one remote call per replica, not one per pa
 from __future__ import annotations
 
 import json
+import shutil
 from array import array
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class RayCluster:
                 rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
                                      fault_cfg=cfg.fault, full_cfg=cfg, services=self.services)
                 self.rollouts, self.rewards = rollout_stack(cfg, self.generators, rewards, tokenizer)
-            if self.needs_reference and cfg.trainer.ref_model == "actor":
+            if self.needs_reference and cfg.trainer.ref_model == "actor" and not cfg.trainer.lora.enabled:
                 self.reference = ReferenceClient(model_path, cfg.model, cfg.trainer, cfg.fault)
             self.judge_pool, self.judge_tokenizer, self.judge_cache = None, tokenizer, {}
             if algorithm.judge(cfg.algorithm):
@@ -90,7 +91,8 @@ class RayCluster:
         optimizer_steps = cfg.train.steps * per_step + cfg.train.sft_warmup_steps
         return TrainerGroup(self.model_path, cfg.model, cfg.trainer, seed=cfg.seed, storage_dir=self.storage_dir,
                             total_steps=optimizer_steps, critic=self.critic,
-                            reference=self.needs_reference and cfg.trainer.ref_model == "trainer",
+                            # with LoRA the reference is the policy with its adapter off, in the trainer
+                            reference=self.needs_reference and (cfg.trainer.ref_model == "trainer" or cfg.trainer.lora.enabled),
                             command_timeout_s=cfg.fault.trainer_timeout_s)
 
     def _start_judge(self) -> None:
@@ -259,13 +261,20 @@ class RayCluster:
         if self.generators is None:
             self.synced_version = version
             return {"policy/version": float(version)}
+        # LoRA: a new adapter folder per version (the engines cache adapters by id); the last one stays, as the
+        # pool replays it into a replaced replica
+        path = self.weights_path.parent / f"adapter-v{version:06d}" if self.cfg.trainer.lora.enabled else self.weights_path
         with self.timer.phase("sync"):
-            save_s = self.trainer.save_weights(str(self.weights_path))
-            load_s = self.generators.load_weights(str(self.weights_path), self.version)
+            save_s = self.trainer.save_weights(str(path))
+            load_s = self.generators.load_weights(str(path), self.version)
         versions = self.generators.policy_versions()
         assert versions == [self.version] * len(versions), f"replicas at versions {versions}, expected {self.version}"
         self.synced_version = version
-        return {"sync/save_s": save_s, "sync/load_s": max(load_s), "policy/version": float(self.version)}
+        for old in self.weights_path.parent.glob("adapter-v*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        return {"sync/save_s": save_s, "sync/load_s": max(load_s), "sync/bytes": float(self.trainer.last_sync_bytes),
+                "policy/version": float(self.version)}
 
     def reseed(self, step: int) -> None:
         if self.generators is not None:
