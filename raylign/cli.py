@@ -1,5 +1,6 @@
 """`raylign eval|train CONFIG [key=value ...]`, `raylign data validate CONFIG`, `raylign index build CONFIG
-[key=value ...]` and `raylign config` (every field with its doc)."""
+[key=value ...]`, `raylign plan CONFIG [key=value ...]` (estimated memory) and `raylign config` (every field with
+its doc)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,14 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Estimated memory per trainer worker and generator replica; reads config.json only, starts nothing."""
+    from raylign.memory_plan import plan_for
+
+    print(plan_for(load_config(args.config, args.overrides)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rag.chunk_chars=600")
     p.set_defaults(fn=_index_build)
+    p = sub.add_parser("plan", help="estimated memory per trainer worker and generator replica (starts nothing)")
+    p.add_argument("config", help="YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.backend=deepspeed")
+    p.set_defaults(fn=_plan)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
