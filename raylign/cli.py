@@ -1,6 +1,6 @@
 """`raylign eval|train CONFIG [key=value ...]`, `raylign data validate CONFIG`, `raylign index build CONFIG
-[key=value ...]`, `raylign plan CONFIG [key=value ...]` (estimated memory) and `raylign config` (every field with
-its doc)."""
+[key=value ...]`, `raylign plan CONFIG [key=value ...]` (estimated memory), `raylign export RUN_DIR
+[--merge|--adapter]` (the trained policy) and `raylign config` (every field with its doc)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """A run's trained policy as a merged HF folder or a peft adapter folder (no Ray)."""
+    from raylign.export import export_run
+
+    kind = "adapter" if args.adapter else "merged"
+    out = export_run(args.run_dir, args.out or Path(args.run_dir) / f"export-{kind}", adapter=args.adapter)
+    print(f"wrote the {kind} model to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
@@ -131,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.backend=deepspeed")
     p.set_defaults(fn=_plan)
+    p = sub.add_parser("export", help="write a run's trained policy as an HF folder (LoRA merged) or a peft adapter")
+    p.add_argument("run_dir", help="a raylign train output_dir (reads its latest checkpoint)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge", action="store_true", help="a plain HF folder, adapters folded in (the default)")
+    kind.add_argument("--adapter", action="store_true", help="the peft adapter folder alone (LoRA runs)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export-merged or RUN_DIR/export-adapter)")
+    p.set_defaults(fn=_export)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
@@ -138,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raylign: config error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # DataError, ModelError, CheckpointError: bad input named by file/field/row
-        if type(e).__name__ in {"DataError", "ModelError", "CheckpointError"}:
+        if type(e).__name__ in {"DataError", "ModelError", "CheckpointError", "ExportError"}:
             print(f"raylign: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise
