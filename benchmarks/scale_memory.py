@@ -96,7 +96,23 @@ def run_one(key: str, trainer: dict, model_path: str, steps: int, seqs: int, sto
     return {"key": key, "trainer": trainer, "workers": trainer["num_workers"], "start_s": round(start_s, 1),
             "step_s": step_s, "step_s_median": statistics.median(step_s[1:] or step_s),
             "peak_rss_mb_per_worker": rss, "peak_rss_mb_max": max(rss), "sync_s": round(sync_s, 3),
-            "sync_bytes": sync_bytes, "grad_norm_last": metrics["train/grad_norm"]}
+            "sync_bytes": sync_bytes, "grad_norm_last": metrics["train/grad_norm"],
+            "planned_mb_per_worker": round(planned_mb(trainer, seqs), 1)}
+
+
+def planned_mb(trainer: dict, seqs: int) -> float:
+    """`raylign plan`'s trainer-worker total for this configuration, with the tokens one rank gets."""
+    from raylign.config import load_config
+    from raylign.memory_plan import model_shape, plan, read_config_json
+
+    tokens = max(64, seqs * 128 // trainer["num_workers"])
+    cfg = load_config(overrides=["model.dtype=float32", "trainer.bf16=false", f"trainer.micro_batch_tokens={tokens}",
+                                 "algorithm.kl_beta=0"], environ={})
+    cfg = cfg.model_copy(update={"trainer": type(cfg.trainer).model_validate(
+        {**cfg.trainer.model_dump(), **trainer, "bf16": False, "micro_batch_tokens": tokens})})
+    result = plan(cfg, model_shape(read_config_json(cfg.model)))
+    [role] = [r for r in result.roles if r.name.startswith("trainer")]
+    return role.total("CPU") / 2**20
 
 
 def targets(results: dict) -> dict:
