@@ -7,6 +7,7 @@ tensors and its sync writes only them; a vLLM generator serving the synced adapt
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -178,12 +179,20 @@ def test_cli_zero3_lora_run_syncs_adapters_and_exports_both_forms(tmp_path):
     from raylign.actors.lora import apply_lora
     from raylign.config import LoraConfig
     from raylign.models import load_hf_model, resolve_model
-    from tests.integration.helpers import CLI_ENV as ENV
-    from tests.integration.helpers import CLI_GRPO, PRESET
-    from tests.integration.helpers import raylign_cli as _raylign
+    from tests.integration.helpers import PRESET, TINY
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def _raylign(cwd, *args, timeout=400):
+        proc = subprocess.run([sys.executable, "-m", "raylign", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
     from tests.integration.test_trainer_group import hf_logprobs
 
-    _raylign(tmp_path, "train", str(PRESET), *CLI_GRPO, "train.steps=2", "train.eval_before=false",
+    run_args = ["model.name=tiny-random-llama", *TINY, "ray.num_cpus=6", "tracking.uri=sqlite:///mlflow.db",
+                "train.checkpoint_every=1"]  # relative: resolved in the subprocess's working directory
+    _raylign(tmp_path, "train", str(PRESET), *run_args, "train.steps=2", "train.eval_before=false",
              "trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3", "trainer.lora.enabled=true",
              "trainer.lora.r=8", "trainer.lora.alpha=16", "trainer.lr=0.02", "generator.backend=vllm",
              "train.sft_warmup_steps=2",  # the tiny model never earns an arith reward: SFT moves the adapter
@@ -201,7 +210,7 @@ def test_cli_zero3_lora_run_syncs_adapters_and_exports_both_forms(tmp_path):
     _raylign(tmp_path, "export", "runs/lora", "--merge", "--out", "runs/lora/merged")
     _raylign(tmp_path, "export", "runs/lora", "--adapter")
     assert {p.name for p in (run / "export-adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    bad = subprocess.run([sys.executable, "-m", "raylign", "export", "runs/nope"], cwd=tmp_path, env=ENV,
+    bad = subprocess.run([sys.executable, "-m", "raylign", "export", "runs/nope"], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "runs/nope: no complete checkpoint" in bad.stderr
 
