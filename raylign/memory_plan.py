@@ -1,8 +1,8 @@
 """`raylign plan CONFIG`: estimated memory of one trainer worker, one generator replica and the reference actor,
 from the model's config.json alone (no weights loaded) and the run config. Nothing starts: no Ray, no model.
 
-:func:`model_shape` reads a Llama-style HF config (llama, mistral, qwen2, qwen3) into a :class:`Shape`;
-:func:`total_params` and :func:`lora_params` count parameters exactly from it; :func:`plan` turns a Config and a
+:func:`model_shape` (model_shape.py) reads a Llama-style HF config into a :class:`Shape` whose parameters
+:func:`total_params` and :func:`lora_params` count exactly; :func:`plan` turns a Config and a
 Shape into named terms (bytes, and whether they sit in GPU or CPU memory); :func:`format_plan` prints them.
 The totals are an upper bound of the peak: every term is counted as held at once, although the activations
 are freed before the optimizer step allocates its temporaries. The measured constants (activation and logits
@@ -11,20 +11,17 @@ bytes, process overheads) are in the tables below, each with how it was measured
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from raylign.config import Config, ConfigError, ModelConfig, TrainerConfig
-from raylign.models import BUILTIN_MODELS, ModelError, resolve_model
+from raylign.config import Config, TrainerConfig
+from raylign.model_shape import (  # noqa: F401 - re-exported: the plan's callers read shapes from here too
+    Shape, block_params, linear_weights, lora_params, model_shape, projections, read_config_json, root_params,
+    total_params,
+)
 
 GiB, MiB = 2**30, 2**20
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # as raylign.models tells a hub id from a path
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 # NF4 as raylign.actors.lora.load_4bit asks for it (blocksize 64, double quantisation): 4 bits a weight, an 8-bit
 # absmax per 64 weights and an fp32 scale per 256 of those.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -57,88 +54,6 @@ PROCESS = {"trainer": "torch, transformers, peft, ray", "generator": "torch, vLL
 # GPU memory a process takes before its first tensor (CUDA context, cuBLAS workspace, allocator slack; for vLLM also
 # its profiling run's activations): an assumption, not measured (no GPU where this was written).
 GPU_OVERHEAD = {"trainer": 512 * MiB, "generator": 1 * GiB}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What parameter counts and activations depend on, read from an HF config.json."""
-
-    model_type: str
-    hidden: int
-    layers: int
-    vocab: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool  # lm_head shares the embedding matrix
-    biased: frozenset[str] = frozenset()  # projections that carry a bias
-    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
-
-
-def _llama_biases(config: dict) -> frozenset[str]:
-    return frozenset((ATTENTION if config.get("attention_bias") else ()) + (MLP if config.get("mlp_bias") else ()))
-
-
-# model_type -> (projections with a bias, q/k norms): the Llama-style families whose blocks are q/k/v/o + gate/up/down.
-LLAMA_STYLE: dict[str, Callable[[dict], tuple[frozenset[str], bool]]] = {
-    "llama": lambda c: (_llama_biases(c), False),
-    "mistral": lambda c: (frozenset(), False),
-    "qwen2": lambda c: (frozenset(ATTENTION[:3]), False),
-    "qwen3": lambda c: (frozenset(ATTENTION if c.get("attention_bias") else ()), True),
-}
-
-
-def model_shape(config_json: dict) -> Shape:
-    """The Shape of a Llama-style model from its config.json dict; ModelError for another architecture."""
-    kind = config_json.get("model_type")
-    if kind not in LLAMA_STYLE:
-        raise ModelError(f"memory plan: model_type {kind!r} is not a Llama-style model this plan can count "
-                         f"(supported: {', '.join(LLAMA_STYLE)})")
-    biased, qk_norm = LLAMA_STYLE[kind](config_json)
-    hidden, heads = config_json["hidden_size"], config_json["num_attention_heads"]
-    return Shape(model_type=kind, hidden=hidden, layers=config_json["num_hidden_layers"],
-                 vocab=config_json["vocab_size"], intermediate=config_json["intermediate_size"], heads=heads,
-                 kv_heads=config_json.get("num_key_value_heads") or heads,
-                 head_dim=config_json.get("head_dim") or hidden // heads,
-                 tied=bool(config_json.get("tie_word_embeddings", False)), biased=biased, qk_norm=qk_norm)
-
-
-def projections(shape: Shape) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of one block."""
-    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, shape.intermediate), "up_proj": (h, shape.intermediate),
-            "down_proj": (shape.intermediate, h)}
-
-
-def linear_weights(shape: Shape) -> int:
-    """Weights (no biases) of every block's projections: what QLoRA stores in NF4."""
-    return shape.layers * sum(i * o for i, o in projections(shape).values())
-
-
-def block_params(shape: Shape) -> int:
-    """One decoder block: projections (+ their biases), two RMSNorms, q/k norms where the family has them."""
-    linear = sum(i * o + (o if name in shape.biased else 0) for name, (i, o) in projections(shape).items())
-    return linear + 2 * shape.hidden + (2 * shape.head_dim if shape.qk_norm else 0)
-
-
-def root_params(shape: Shape) -> int:
-    """Outside the blocks: embeddings, final norm, and the lm_head unless tied."""
-    return shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden
-
-
-def total_params(shape: Shape) -> int:
-    return shape.layers * block_params(shape) + root_params(shape)
-
-
-def lora_params(shape: Shape, r: int, target_modules: list[str]) -> int:
-    """LoRA A (r x in) and B (out x r) for every targeted projection of every block, as peft adds them."""
-    shapes = projections(shape)
-    if unknown := sorted(set(target_modules) - set(shapes)):
-        raise ConfigError(f"trainer.lora.target_modules: {', '.join(unknown)} not a projection of a "
-                          f"{shape.model_type} block (known: {', '.join(shapes)})")
-    return shape.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in set(target_modules))
 
 
 @dataclass(frozen=True)
@@ -410,21 +325,6 @@ def format_plan(p: Plan) -> str:
     lines += [f"formula: {role.name} = {' + '.join(t.formula for t in role.terms)}" for role in p.roles if role.count]
     lines.append("  with " + ", ".join(f"{k}={v:,}" for k, v in p.symbols.items()) + " (see raylign.memory_plan.plan)")
     return "\n".join(lines + [f"note: {n}" for n in p.notes])
-
-
-def read_config_json(model_cfg: ModelConfig) -> dict:
-    """The model's config.json without loading weights: a hub id downloads that one file; a built-in name or a
-    local folder goes through resolve_model (the built-ins are built once and cached)."""
-    name = model_cfg.name
-    if name not in BUILTIN_MODELS and not Path(name).expanduser().exists() and _HUB_ID.match(name):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return json.loads(Path(hf_hub_download(repo_id=name, filename="config.json")).read_text())
-        except Exception as e:  # offline, not found, gated: one line naming the model
-            raise ModelError(f"model.name '{name}': cannot read config.json from the hub "
-                             f"({type(e).__name__})") from None
-    return json.loads((Path(resolve_model(model_cfg)) / "config.json").read_text())
 
 
 def plan_for(cfg: Config) -> str:
