@@ -11,29 +11,15 @@ import time
 import pytest
 import ray
 import torch
-from peft import LoraConfig, get_peft_model
 
 from raylign.chat import encode_chat
 from raylign.config import GeneratorConfig, ModelConfig
 from raylign.models import load_hf_model, load_tokenizer
 from raylign.orchestrator.generator_pool import GeneratorPool
-from raylign.trainer_config import LORA_TARGETS
+from tests.unit.test_generator_lora import peft_adapter  # the same saved adapter the unit tests merge
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 TOLERANCE = 0.15  # vLLM in bf16 against an fp32 forward, as in test_generators.py
-
-
-def peft_adapter(tiny_model, folder, seed, r=8):
-    """An fp32 peft LoRA model with random, non-zero B (peft starts B at zero), saved as the trainer would."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=16, target_modules=list(LORA_TARGETS), init_lora_weights=False)
-    model = get_peft_model(load_hf_model(tiny_model, "float32"), config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    model.save_pretrained(str(folder))
-    return model
 
 
 def teacher_forced_logprobs(model, prompt_ids, token_ids):
