@@ -24,8 +24,8 @@ the whole model at once. DeepSpeed JIT-builds one CPU op on first use (~90 s, ca
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -108,20 +108,30 @@ class DeepSpeedTrainable(Trainable):
         return norm if self.own_clip else float(self.model.get_global_grad_norm())
 
     # -- full weights ----------------------------------------------------------------------------------
-    def _params(self) -> Iterator[tuple[list[str], nn.Parameter]]:
+    def _params(self) -> list[tuple[list[str], nn.Parameter]]:
         """Each distinct parameter once, with every name it has (a tied lm_head shares the embedding's)."""
         seen: dict[int, tuple[list[str], nn.Parameter]] = {}
         for name, param in self.inner.named_parameters(remove_duplicate=False):
             seen.setdefault(id(param), ([], param))[0].append(name)
-        return iter(seen.values())
+        return list(seen.values())
 
-    def _gathered(self, params: list[nn.Parameter]):
-        """Context in which the listed parameters hold their full values (ZeRO-3 gathers them)."""
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """State-dict entries that are not parameters (persistent buffers)."""
+        params = {n for names, _ in self._params() for n in names}
+        return {k: v for k, v in self.inner.state_dict(keep_vars=True).items() if k not in params}
+
+    def _fragmented(self, param: nn.Parameter) -> bool:
+        """Whether DeepSpeed holds this parameter's fp32 master and moments in partitions (ZeRO, trainable)."""
+        return not self.own_clip and param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"))
+
+    def _gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None):
+        """Context in which the listed parameters hold their full values (ZeRO-3 gathers them; with
+        ``modifier_rank`` that rank's writes are partitioned back on exit)."""
         if self.stage != 3:
-            return contextmanager(lambda: (yield))()
+            return nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
     def _buckets(self, items: list[tuple[list[str], nn.Parameter]]):
         bucket, size = [], 0
@@ -138,7 +148,7 @@ class DeepSpeedTrainable(Trainable):
     def _full_fp32(self, param: nn.Parameter) -> torch.Tensor | None:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(param) if param.requires_grad else None
+        return safe_get_full_fp32_param(param) if self._fragmented(param) else None
 
     def gather_params(self, select: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         chosen = [(names, p) for names, p in self._params() if any(select(n) for n in names)]
@@ -169,10 +179,8 @@ class DeepSpeedTrainable(Trainable):
                         for name in names:
                             out[name] = p.detach().float().cpu().clone()
         if _rank0():
-            params = {n for names, _ in self._params() for n in names}
-            for name, buf in self.inner.state_dict().items():
-                if name not in params:
-                    out[name] = buf.detach().float().cpu().clone() if buf.is_floating_point() else buf.cpu().clone()
+            for name, buf in self._buffers().items():
+                out[name] = buf.detach().float().cpu().clone() if buf.is_floating_point() else buf.detach().cpu().clone()
         return out
 
     def scatter_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -181,21 +189,12 @@ class DeepSpeedTrainable(Trainable):
         for names, param in self._params():
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             value = _broadcast(state.get(names[0]) if _rank0() else None, shape)
-            if param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+            if self._fragmented(param):
                 safe_set_full_fp32_param(param, value)  # the fp32 master (partition)
-            with self._modifying(param):
+            with self._gathered([param], modifier_rank=0):
                 param.data.copy_(value.to(param.dtype).view_as(param.data))  # the compute copy
-        params = {n for names, _ in self._params() for n in names}
-        for name, buf in self.inner.state_dict(keep_vars=True).items():
-            if name not in params:
-                buf.data.copy_(_broadcast(state.get(name) if _rank0() else None, tuple(buf.shape)).to(buf.dtype))
-
-    def _modifying(self, param: nn.Parameter):
-        if self.stage != 3:
-            return contextmanager(lambda: (yield))()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+        for name, buf in self._buffers().items():
+            buf.data.copy_(_broadcast(state.get(name) if _rank0() else None, tuple(buf.shape)).to(buf.dtype))
 
     # -- optimizer state -------------------------------------------------------------------------------
     def _step_count(self) -> float:
@@ -205,7 +204,7 @@ class DeepSpeedTrainable(Trainable):
     def _moments(self, param: nn.Parameter, key: str) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        if self.own_clip or not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+        if not self._fragmented(param):
             return self.base.state[param][key]  # plain client optimizer (stage 0, fp32): the param's own state
         return safe_get_full_optimizer_state(param, key)
 
@@ -238,7 +237,7 @@ class DeepSpeedTrainable(Trainable):
             for key in ("exp_avg", "exp_avg_sq"):
                 # a checkpoint from before any step (FSDP2 writes no state then) means fresh zeros
                 value = _broadcast(saved.get(key, torch.zeros(shape)) if _rank0() else None, shape)
-                if self.own_clip or not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+                if not self._fragmented(param):
                     self.base.state[param][key].copy_(value)
                 else:
                     safe_set_full_optimizer_state(param, value, key)

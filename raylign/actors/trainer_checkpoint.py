@@ -99,8 +99,9 @@ def hf_state(wrapped: Trainable, lora: LoraConfig) -> dict[str, torch.Tensor]:
     return merged_hf_state(state, lora.alpha, lora.r) if lora.enabled and state else state
 
 
-def save_weights(wrapped: Trainable, path: str, rank: int, lora: LoraConfig | None = None) -> int:
-    state = hf_state(wrapped, lora or LoraConfig())
+def save_weights(wrapped: Trainable, path: str, rank: int) -> int:
+    """Full-weight sync (a LoRA policy syncs with save_adapter); returns the bytes written on rank 0."""
+    state = hf_state(wrapped, LoraConfig())
     if rank != 0:
         return 0
     if getattr(wrapped.inner.config, "tie_word_embeddings", False):
