@@ -1,5 +1,6 @@
 """`raylign train` / `raylign eval` as a user runs them: subprocesses with relative paths, from a working
-directory that is not the repository, each starting its own local Ray cluster."""
+directory that is not the repository, each starting its own local Ray cluster. The uninterrupted run is the
+session's `grpo_cli_run` (test_train_runs.py checks what it logs)."""
 
 import json
 import os
@@ -14,20 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.integration.helpers import PRESET, TINY
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-# Relative on purpose: resolved against the subprocess's working directory, never the trainer workers'.
-RUN = ["model.name=tiny-random-llama", *TINY, "ray.num_cpus=6", "tracking.uri=sqlite:///mlflow.db",
-       "train.checkpoint_every=1"]
-
-
-def _raylign(cwd: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "raylign", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+from tests.integration.helpers import CLI_ENV as ENV
+from tests.integration.helpers import CLI_GRPO, PRESET, ROOT
+from tests.integration.helpers import raylign_cli as _raylign
 
 
 def _mlflow_run_ids(db: Path, name: str) -> list[str]:
@@ -36,14 +26,11 @@ def _mlflow_run_ids(db: Path, name: str) -> list[str]:
             if r.info.run_name == name]
 
 
-def test_relative_paths_eval_and_a_killed_driver_resuming_to_identical_weights(tmp_path):
-    """One straight run and one whose driver is SIGKILLed after a random step, both with relative paths: the
-    straight run's files and its `raylign eval`, a refused resume that leaves it as it was, and the killed
-    run resumed to bit-identical weights and the same samples (transformers generate: deterministic on CPU)."""
-    common = [*RUN, "generator.backend=hf", "train.eval_before=false", "train.steps=3"]
-    _raylign(tmp_path, "train", str(PRESET), *common, "output_dir=runs/straight")
-    run = tmp_path / "runs/straight"
-    summary = json.loads((run / "summary.json").read_text())
+def test_relative_paths_eval_and_a_killed_driver_resuming_to_identical_weights(grpo_cli_run):
+    """One straight run (the fixture's) and one whose driver is SIGKILLed after a random step, both with relative
+    paths: the straight run's files and its `raylign eval`, a refused resume that leaves it as it was, and the
+    killed run resumed to bit-identical weights and the same samples (transformers generate: deterministic on CPU)."""
+    common, tmp_path, run, summary = CLI_GRPO, grpo_cli_run["cwd"], grpo_cli_run["run"], grpo_cli_run["summary"]
     assert summary["final_model_dir"] == str(run / "final_model")
     assert (run / "final_model/model.safetensors").is_file() and (run / "final_model/config.json").is_file()
     ckpt = Path(summary["final_checkpoint"])

@@ -80,6 +80,8 @@ def test_job_submit_runs_training(head_node, tiny_model, tmp_path):
            "python", "-m", "raylign.train", "configs/grpo_arith.yaml", f"model.name={tiny_model}",
            "train.steps=1", "algorithm.prompts_per_step=2", "algorithm.group_size=2", "train.eval_limit=2",
            "generator.max_new_tokens=6", "generator.kv_cache_gb=0.25", "trainer.micro_batch_tokens=512",
+           # the submission is under test: hf generate starts in half vLLM's time, one eval (after) is enough
+           "generator.backend=hf", "train.eval_before=false",
            f"output_dir={out}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     proc = _submit(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

