@@ -86,6 +86,7 @@ class GeneratorConfig(_Section):
     num_replicas: int = Field(1, ge=1, description="generator actors; prompts are load-balanced across them")
     num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs each replica reserves")
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (0 on CPU machines)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each replica needs, for placement on chosen nodes (e.g. {\"node_b\": 0.01} with `ray start --resources`)")
     temperature: float = Field(0.0, ge=0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_new_tokens: int = Field(256, ge=1, description="completion length cap")
@@ -109,6 +110,7 @@ class JudgeConfig(_Section):
 class RewardConfig(_Section):
     num_actors: int = Field(1, ge=1, description="reward evaluator actors")
     num_cpus: float = Field(0.25, gt=0, description="Ray logical CPUs each reward actor reserves")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each reward actor needs, for placement on chosen nodes (e.g. {\"node_b\": 0.01} with `ray start --resources`)")
     timeout_s: float = Field(5.0, gt=0, description="per-sample reward timeout; a timeout scores 0")
     concurrency: int = Field(4, ge=1, description="samples one reward actor scores at once (threads); env.name=dspy runs this many pipelines together so their task-model calls batch")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="stage two: an LLM judge scores a reply the env's check marked wrong (0..1 from 'Score: N')")

@@ -66,6 +66,7 @@ class TrainerConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / QLoRA adapters (peft), on any backend")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes) for policy updates")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="Ray logical CPUs each trainer worker reserves")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each trainer worker needs, for placement on chosen nodes (e.g. {\"node_b\": 0.01} with `ray start --resources`)")
     use_gpu: bool = Field(False, description="one GPU per trainer worker (nccl); CPU workers use gloo")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None: the machine's cores / num_workers (training never overlaps generation)")
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate")
@@ -79,7 +80,12 @@ class TrainerConfig(_Section):
     bf16: bool = Field(True, description="bf16 autocast for forward/backward where supported (fp32 master weights)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     ref_model: Literal["trainer", "actor"] = Field("trainer", description="where the frozen reference model lives when the algorithm needs one (DPO; KL with kl_beta > 0): a bf16 copy in each trainer worker, or one in its own Ray actor; with LoRA it is the policy with its adapter off, so no copy is loaded")
-    weights_dir: str = Field("/dev/shm/raylign", description="where synced weights are written for the generators")
+    weights_dir: str = Field("/dev/shm/raylign", description="where the file transport writes synced weights (read by replicas on the trainer's node)")
+    weight_transport: Literal["auto", "file", "ray"] = Field("auto", description="how synced weights reach each replica: a file in weights_dir, checksummed buckets over Ray's object store (any node), or auto: file for replicas on trainer rank 0's node, ray for the others")
+    sync_bucket_mb: float = Field(256.0, gt=0, description="ray transport: gathered fp32 MB per bucket; the sender holds about one bucket beyond its shard")
+    sync_timeout_s: float = Field(300.0, gt=0, description="ray transport: deadline for one bucket to reach a replica; past it the sync counts as a fault")
+    sync_check_every: int = Field(10, ge=0, description="every N syncs (and the first), a canary compares each replica's log-probs on fixed prompts with the trainer's; a mismatch replaces the replica (0: never)")
+    sync_check_tol: float = Field(0.15, gt=0, description="canary: largest allowed per-token log-prob gap between a replica and the trainer (bf16 kernels differ by up to ~0.1)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

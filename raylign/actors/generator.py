@@ -1,17 +1,26 @@
 """GeneratorActor: one generation engine replica (vLLM or transformers) behind a Ray actor.
 
-``pid`` and ``inject_hang`` are test hooks: the fault tests SIGKILL the process, or make the next generate
-call stall as a wedged engine would; GeneratorPool must recover from both.
+Weights arrive as a path on this node (``load_weights``: the file transport) or as buckets in Ray's object store
+(``load_buckets``: the ray transport, from a trainer on any node). ``pid``, ``inject_hang`` and
+``inject_corrupt_sync`` are test hooks: the fault tests SIGKILL the process, make the next generate call stall as
+a wedged engine would, or flip a byte of the next bucket as a broken transfer would; GeneratorPool must recover
+from all three.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import ray
+from safetensors.torch import save_file
 
 from raylign.actors.backends import GENERATORS
+from raylign.actors.lora import write_adapter
+from raylign.actors.weight_sync import WeightBuckets, read_buckets
 from raylign.chat import encode_chat
 from raylign.config import GeneratorConfig, ModelConfig
 from raylign.types import Completion, SamplingSpec
@@ -32,6 +41,7 @@ class GeneratorActor:
         self.replica = replica
         self.version = 0
         self.hang_s = 0.0
+        self.corrupt_next_sync = False
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         self.backend = GENERATORS[gen_cfg.backend](model_path, model_cfg, gen_cfg, lora_rank=lora_rank)
 
@@ -57,6 +67,32 @@ class GeneratorActor:
         self.backend.load_weights(path, version)
         self.version = version
         return time.perf_counter() - start
+
+    def load_buckets(self, sync: WeightBuckets, version: int, timeout_s: float) -> float:
+        """Serve a sync sent over Ray (``weight_sync``) as ``version``: full weights stream into the engine, one
+        checked bucket at a time; an adapter is written to a folder on this node and loaded as one. A bucket
+        that fails its checksum or takes over ``timeout_s`` to arrive raises ``WeightSyncError``. Returns seconds taken."""
+        start = time.perf_counter()
+        corrupt, self.corrupt_next_sync = self.corrupt_next_sync, False
+        tensors = read_buckets(sync, timeout_s, corrupt)
+        if sync.kind == "adapter":
+            folder = Path(tempfile.gettempdir()) / "raylign-adapters" / f"{os.getpid()}-v{version:06d}"
+            write_adapter(folder, dict(tensors), sync.adapter_config, save_file)
+            self.backend.load_weights(str(folder), version)
+            for old in folder.parent.glob(f"{os.getpid()}-v*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.backend.load_state(tensors, version)
+        self.version = version
+        return time.perf_counter() - start
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def inject_corrupt_sync(self) -> None:
+        """Test hook: the next load_buckets sees one flipped byte in its first bucket."""
+        self.corrupt_next_sync = True
 
     def reseed(self, seed: int) -> None:
         self.backend.reseed(seed)

@@ -48,6 +48,7 @@ from raylign.actors.trainer_math import (
     work_plan,
 )
 from raylign.actors.value_head import VALUE_HEAD, attach_value_head, take_values
+from raylign.actors.weight_sync import WeightBuckets, send_weights
 from raylign.algorithms.registry import LOSSES
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.models import load_hf_model
@@ -82,6 +83,11 @@ class TrainStep:
 @dataclass
 class SaveWeights:
     path: str  # a safetensors file; with LoRA a peft adapter folder (adapter-only sync)
+
+
+@dataclass
+class SendWeights:
+    bucket_bytes: int  # gathered fp32 bytes per bucket (weight_sync.send_weights)
 
 
 @dataclass
@@ -181,7 +187,7 @@ class TrainerWorker:
             self.ref.eval().requires_grad_(False)
         self.steps = 0
         self.handlers = {Logprobs: self.logprobs, Values: self.values, TrainStep: self.train_step,
-                         SaveWeights: self.save_weights,
+                         SaveWeights: self.save_weights, SendWeights: self.send_weights,
                          SaveCheckpoint: self.save_checkpoint, LoadCheckpoint: self.load_checkpoint,
                          ExportHF: self.export_hf}
 
@@ -343,6 +349,10 @@ class TrainerWorker:
             return ckpt.save_adapter(self.policy, self.cfg.lora, self.spec.model_path, cmd.path, self.rank)
         return ckpt.save_weights(self.policy, cmd.path, self.rank)
 
+    def send_weights(self, cmd: SendWeights) -> WeightBuckets | None:
+        """The same weights as save_weights, as checksummed buckets in Ray's object store (rank 0; None elsewhere)."""
+        return send_weights(self.policy, self.cfg.lora, self.spec.model_path, self.rank, cmd.bucket_bytes)
+
     def export_hf(self, cmd: ExportHF) -> None:
         ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank, self.cfg.lora)
 
@@ -378,6 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise
         # pid: for tests and the chaos benchmark; actor: so the driver can kill a wedged group (TrainerGroup.abort)
         replies.put(Reply(READY, rank, True, {"packed_row_tokens": worker.row_tokens, "pid": os.getpid(),
+                                              "node_id": ray.get_runtime_context().get_node_id(),
                                               "actor": ray.get_runtime_context().current_actor}))
         while True:
             cmd_id, cmd = commands.get()

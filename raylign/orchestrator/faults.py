@@ -27,6 +27,8 @@ def fault_cause(error: BaseException, deadline_s: float | None = None) -> str:
     """A short phrase for logs and errors: 'died (ActorDiedError)' or 'gave no result within 30 s'."""
     if isinstance(error, GetTimeoutError):
         return f"gave no result within {deadline_s:.0f} s" if deadline_s is not None else "timed out"
+    if not isinstance(error, RayActorError):  # raised by the actor's own checks (a weight sync's checksum)
+        return f"failed ({str(error).strip().splitlines()[-1][:300]})"
     return f"died ({type(error).__name__})"
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import ray
 
 from raylign.actors.generator import GeneratorActor, Prompt
+from raylign.actors.weight_sync import WeightBuckets, WeightSyncError
 from raylign.config import FaultConfig, GeneratorConfig, ModelConfig
 from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
 from raylign.types import Completion, SamplingSpec
@@ -41,6 +42,7 @@ FLOOR_TOKENS_PER_S = 20.0
 # A replacement must be up and restored within this long (vLLM builds its engine: 5-30 s for a small model
 # on CPU, minutes for a large one on GPU); past it, it counts as one more fault.
 START_DEADLINE_S = 900.0
+SYNC_FAULTS = (*ACTOR_FAULTS, WeightSyncError)  # a replica whose sync failed its checks is replaced like a dead one
 SEED_STRIDE = 7919  # replica i is seeded with seed + SEED_STRIDE * i, so replicas sample differently
 
 
@@ -72,14 +74,17 @@ class GeneratorPool:
         self.fault = fault_cfg or FaultConfig()
         self.restarts = RestartBudget("generator", self.fault.max_generator_restarts,
                                       "fault.max_generator_restarts", GeneratorPoolError)
-        self.weights: tuple[str, int] | None = None  # last load_weights(path, version), replayed on a restart
+        # the last sync, replayed into a replacement: (method, args), the buckets where there are any (any node)
+        self.weights: tuple[str, tuple] | None = None
         self.seed: int | None = None  # last reseed(seed)
         self.starting: dict[ray.ObjectRef, _Job] = {}  # replacements still starting after a generate call
         self.actors = [self._start(i) for i in range(gen_cfg.num_replicas)]
+        self.nodes: list[str | None] = [None] * len(self.actors)  # each replica's Ray node id, once asked
         ray.get([a.ready.remote() for a in self.actors])
 
     def _start(self, replica: int):
-        return GeneratorActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus).remote(
+        return GeneratorActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus,
+                                     resources=self.cfg.resources or None).remote(
             *self.args, replica=replica, lora_rank=self.lora_rank)
 
     def spec(self, **changes) -> SamplingSpec:
@@ -145,8 +150,10 @@ class GeneratorPool:
         # An actor runs one caller's calls in submission order, so the last restore call finishing means
         # all have; until then the replica takes no chunk.
         restore = [actor.ready.remote()]
+        self.nodes[i] = None  # it may start on another node
         if self.weights is not None:
-            restore.append(actor.load_weights.remote(*self.weights))
+            method, args = self.weights
+            restore.append(getattr(actor, method).remote(*args))
         if self.seed is not None:
             restore.append(actor.reseed.remote(self.seed + SEED_STRIDE * i))
         return restore[-1], _Job(i, START_DEADLINE_S, restore=restore[:-1])
@@ -160,30 +167,59 @@ class GeneratorPool:
                     jobs.update([self._replace(job.replica, cause)])
 
     def _each(self, method: str, args: Callable[[int], tuple] = lambda i: ()) -> list:
-        """Call ``method`` on every replica with deadline fault.call_timeout_s; a replica that dies or misses
-        it is replaced (restored to the pool's state) and asked once more."""
+        return self._each_call(lambda i: (method, args(i)))
+
+    def _each_call(self, call: Callable[[int], tuple[str, tuple]]) -> list:
+        """Call ``call(i) = (method, args)`` on every replica i with deadline fault.call_timeout_s; a replica that
+        dies, misses it or fails a weight sync's checks is replaced (restored to the pool's state) and asked once
+        more."""
         self._await_started()
         timeout = self.fault.call_timeout_s
-        refs = [getattr(a, method).remote(*args(i)) for i, a in enumerate(self.actors)]
+        refs = [getattr(a, call(i)[0]).remote(*call(i)[1]) for i, a in enumerate(self.actors)]
         out = []
         for i, ref in enumerate(refs):
+            method = call(i)[0]
             try:
                 out.append(ray.get(ref, timeout=timeout))
-            except ACTOR_FAULTS as e:
+            except SYNC_FAULTS as e:
                 self.starting = dict([self._replace(i, f"{method}: {fault_cause(e, timeout)}")])
                 self._await_started()
                 try:
-                    out.append(ray.get(getattr(self.actors[i], method).remote(*args(i)), timeout=timeout))
-                except ACTOR_FAULTS as again:
+                    out.append(ray.get(getattr(self.actors[i], method).remote(*call(i)[1]), timeout=timeout))
+                except SYNC_FAULTS as again:
                     raise GeneratorPoolError(f"generator replica {i} {method}: {fault_cause(again, timeout)} "
                                              "again right after a restart") from again
         return out
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each replica runs on (asked once per replica start)."""
+        if None in self.nodes:
+            self.nodes = self._each("node_id")
+        return list(self.nodes)  # type: ignore[arg-type]
+
     def load_weights(self, path: str, version: int) -> list[float]:
         """Every replica serves ``path`` (full-weights file or adapter folder) as ``version``; seconds each took."""
-        path = os.path.abspath(path)  # once, here: the replicas and their replacements read the same path
-        self.weights = (path, version)  # set first: a replica replaced during the load comes back with these
-        return self._each("load_weights", lambda i: (path, version))
+        return self.load(version, {i: "file" for i in range(len(self.actors))}, path=path)
+
+    def load(self, version: int, transports: dict[int, str], path: str | None = None,
+             buckets: WeightBuckets | None = None, timeout_s: float = 300.0) -> list[float]:
+        """Every replica i serves one sync as ``version``: by ``transports[i]``, "file" (``path``, a file or adapter
+        folder its node can read) or "ray" (``buckets``, from any node). Seconds each took. A replacement during
+        or after the load is restored from the buckets when there are any, else from the file."""
+        path = os.path.abspath(path) if path is not None else None  # once: replicas and replacements read the same
+        calls = {"file": ("load_weights", (path, version)), "ray": ("load_buckets", (buckets, version, timeout_s))}
+        self.weights = calls["ray" if buckets is not None else "file"]  # set first: see _replace
+        return self._each_call(lambda i: calls[transports[i]])
+
+    def each_generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[list[list[Completion]]]:
+        """The same prompts on every replica (the sync canary): per replica, its groups in prompt order."""
+        return self._each("generate", lambda i: (prompts, spec))
+
+    def replace(self, i: int, cause: str) -> None:
+        """Replace replica i now (a counted fault), restored to the pool's weights, version and seed."""
+        self._await_started()
+        self.starting = dict([self._replace(i, cause)])
+        self._await_started()
 
     def reseed(self, seed: int) -> None:
         self.seed = seed

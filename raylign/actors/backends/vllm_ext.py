@@ -1,4 +1,4 @@
-"""vLLM worker extension: reload weights in place from a safetensors file the trainer wrote.
+"""vLLM worker extension: reload weights in place, from a safetensors file the trainer wrote or from tensors.
 
 Loaded by name inside vLLM's engine process (``LLM(worker_extension_cls=...)``). The method name must not be
 ``update_weights``: vLLM's CPU worker already defines one.
@@ -12,6 +12,9 @@ and re-run its post-load processing, or the logits keep coming from the old weig
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+
+import torch
 
 from raylign.actors.backends.weights import iter_safetensors
 
@@ -35,6 +38,10 @@ class _ExpectedReloadGaps(logging.Filter):
 
 class WeightReloadExtension:
     def raylign_reload_weights(self, path: str) -> int:
+        return self.raylign_load_weights(iter_safetensors(path))
+
+    def raylign_load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Reload from (HF name, tensor) pairs, streamed: the caller's iterator may fetch them as it goes."""
         hf_config = self.model_runner.model_config.hf_config
         tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         skip = frozenset({"lm_head.weight"}) if tied else frozenset()
@@ -45,9 +52,10 @@ class WeightReloadExtension:
 
         def weights():
             nonlocal count
-            for item in iter_safetensors(path, skip):
-                count += 1
-                yield item
+            for item in tensors:
+                if item[0] not in skip:
+                    count += 1
+                    yield item
 
         self.model_runner.reload_weights(weights_iterator=weights())
         if tied:
