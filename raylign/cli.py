@@ -40,6 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"held-out greedy accuracy: before {fmt(before)} -> after {fmt(after)} ({summary['steps']} steps, "
           f"{summary['wall_s'] / 60:.1f} min)")
+    if summary.get("weight_sync"):
+        from raylign.orchestrator.rl_cluster import describe_sync_layout
+
+        print(f"weight sync: {describe_sync_layout(summary['weight_sync'])}")
     print(f"final model: {summary['final_model_dir']}")
     print(f"rollouts:    {summary['rollouts']}")
     print(f"summary:     {Path(summary['rollouts']).parent / 'summary.json'}")

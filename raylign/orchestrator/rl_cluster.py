@@ -39,6 +39,12 @@ CANARY_TOKENS = 8
 log = logging.getLogger(__name__)
 
 
+def describe_sync_layout(layout: dict) -> str:
+    """One line: which transport each replica got, with short node ids."""
+    replicas = "; ".join(f"replica {r['replica']} on node {r['node'][:8]} by {r['transport']}" for r in layout["replicas"])
+    return f"trainer rank 0 on node {layout['trainer_node'][:8]}; {replicas}"
+
+
 class RayCluster:
     """The actors one algorithm needs (its registry entry), behind the algorithms' ``Cluster`` protocol.
 
@@ -65,7 +71,7 @@ class RayCluster:
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.syncs = 0
-        self._logged_transports: dict[int, str] = {}
+        self.sync_layout: dict = {}  # where the trainer and each replica run, and the transport each gets
         self.weights_path.parent.mkdir(parents=True, exist_ok=True)
         algorithm = ALGORITHMS[cfg.algorithm.name]
         self.needs_reference = algorithm.reference(cfg.algorithm)
@@ -308,10 +314,11 @@ class RayCluster:
         mode, nodes = self.cfg.trainer.weight_transport, self.generators.node_ids()
         chosen = {i: mode if mode != "auto" else "file" if node == self.trainer.node_id else "ray"
                   for i, node in enumerate(nodes)}
-        if chosen != self._logged_transports:
-            self._logged_transports = chosen
-            log.info("weight sync: trainer rank 0 on node %s; %s", self.trainer.node_id[:12],
-                     ", ".join(f"replica {i} on node {nodes[i][:12]} by {t}" for i, t in chosen.items()))
+        layout = {"trainer_node": self.trainer.node_id,
+                  "replicas": [{"replica": i, "node": nodes[i], "transport": t} for i, t in chosen.items()]}
+        if layout != self.sync_layout:  # logged at the first sync and whenever a replica moves
+            self.sync_layout = layout
+            log.info("weight sync: %s", describe_sync_layout(layout))
         return chosen
 
     def check_sync(self) -> float:

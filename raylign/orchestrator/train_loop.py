@@ -271,4 +271,5 @@ class TrainingRun:
                 "judge_tokens": cluster.judge_tokens, "policy_version": cluster.version,
                 "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),
                 "final_checkpoint": str(final_ckpt), "rollouts": str(self.rollouts),
-                "reward_events": cluster.rewards.counters() if cluster.rewards is not None else {}, "faults": faults}
+                "reward_events": cluster.rewards.counters() if cluster.rewards is not None else {}, "faults": faults,
+                "weight_sync": cluster.sync_layout}

@@ -41,3 +41,48 @@ def vowel_reward(problem, completion):
 
     share = sum(ch in "aeiou" for ch in completion) / max(1, len(completion))
     return Score(reward=share, correct=share > 0.3, prediction=None, format_ok=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_node(env: dict, head_port: int | None = None, num_cpus: int = 8, resources: dict | None = None,
+                   gcs_port: int | None = None, dashboard_port: int | None = None):
+    """`ray start --block` for one node on 127.0.0.1 (the head when head_port is None, else a worker joining it),
+    with its own ports and a short --temp-dir (Ray's unix sockets must stay under ~107 characters). Every
+    port is its own: the test session's Ray cluster holds the default agent ports. --block keeps the node in
+    this process group so a test stops exactly this node (never `ray stop`). Returns (Popen, temp_dir)."""
+    import json as _json
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp_dir}"]
+    if resources:
+        cmd.append(f"--resources={_json.dumps(resources)}")
+    if head_port is None:
+        cmd += ["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        cmd.append(f"--address=127.0.0.1:{head_port}")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{temp_dir}.log", "w"),
+                            start_new_session=True)
+    return proc, temp_dir
+
+
+def stop_ray_node(proc, temp_dir: str) -> None:
+    import shutil
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)  # a node never finished a SIGTERM within 30 s here: it only cost the wait
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)

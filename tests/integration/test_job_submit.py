@@ -2,45 +2,26 @@
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import free_port, start_ray_node, stop_ray_node
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head_node():
-    gcs, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
-    # Ray's unix sockets live under --temp-dir and must stay under ~107 characters: keep the path short.
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    gcs, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    # --block keeps the head in this process group, so the test stops exactly this cluster (never `ray stop`,
-    # which would kill every Ray cluster on the machine).
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--num-cpus=8", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # The test session's own Ray cluster already holds the default agent ports (52365 ...); a head whose
-         # dashboard agent cannot bind never gets one, and every submit answers "No available agent".
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(f"{temp_dir}.log", "w"), start_new_session=True)
+    proc, temp_dir = start_ray_node(env, gcs_port=gcs, dashboard_port=dash)
     deadline = time.time() + 90
     while time.time() < deadline:
         with socket.socket() as s:
@@ -48,15 +29,10 @@ def head_node():
                 break
         time.sleep(1)
     else:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_ray_node(proc, temp_dir)
         pytest.fail(f"ray head did not start within 90 s: {Path(f'{temp_dir}.log').read_text()[-2000:]}")
     yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)  # the head never finished a SIGTERM within 30 s here: it only cost the wait
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    stop_ray_node(proc, temp_dir)
 
 
 def _submit(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

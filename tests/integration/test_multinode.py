@@ -1,0 +1,65 @@
+"""A real multi-node Ray cluster on this machine: `ray start --head` (node A, custom resource node_a) plus two
+`ray start --address` workers (B: node_b, C: node_c), each a raylet with its own temp dir and node id.
+`raylign train` attaches to it with relative paths; the trainer is pinned to A, the vLLM generator to B and
+the reward actors to C. With weight_transport=auto the replica on B gets its weights over Ray, never by a
+file written on A, and the canary confirms it serves the trainer's log-probs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.integration.helpers import CLI_GRPO, PRESET, free_port, start_ray_node, stop_ray_node
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # workers and drivers present the token
+    env.pop("RAY_ADDRESS", None)
+    gcs = free_port()
+    nodes = [start_ray_node(env, num_cpus=4, resources={"node_a": 1}, gcs_port=gcs, dashboard_port=free_port())]
+    time.sleep(8)  # the head's GCS must be up before workers join
+    nodes += [start_ray_node(env, head_port=gcs, num_cpus=3, resources={name: 1}) for name in ("node_b", "node_c")]
+    probe = "import ray; ray.init(address='127.0.0.1:%d'); print(len([n for n in ray.nodes() if n['Alive']]))" % gcs
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        if out.stdout.strip().endswith("3") or time.time() > deadline:
+            break
+        time.sleep(3)
+    try:
+        assert out.stdout.strip().endswith("3"), out.stdout + out.stderr[-2000:]
+        yield {"address": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        for proc, temp_dir in reversed(nodes):
+            stop_ray_node(proc, temp_dir)
+
+
+def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_path):
+    run = [*[a for a in CLI_GRPO if not a.startswith(("ray.num_cpus", "generator.backend"))],
+           f"ray.address={three_nodes['address']}", "train.steps=2", "train.eval_before=false",
+           "trainer.resources_per_worker={node_a: 0.01}", "generator.resources={node_b: 0.01}",
+           "reward.resources={node_c: 0.01}", "trainer.weight_transport=auto", "output_dir=runs/mn"]
+    proc = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *run], cwd=tmp_path,
+                          env=three_nodes["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/mn/summary.json").read_text())
+    layout = summary["weight_sync"]
+    assert [r["transport"] for r in layout["replicas"]] == ["ray"]
+    assert layout["replicas"][0]["node"] != layout["trainer_node"]
+    assert "replica 0 on node" in proc.stdout and "by ray" in proc.stdout
+    assert summary["policy_version"] == 2 and (tmp_path / "runs/mn/final_model/model.safetensors").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = summary["mlflow_run_id"]
+    assert [m.value for m in client.get_metric_history(run_id, "sync/replicas_ray")] == [1.0, 1.0]
+    assert [m.value for m in client.get_metric_history(run_id, "sync/replicas_file")] == [0.0, 0.0]
+    canary = client.get_metric_history(run_id, "sync/canary_gap")  # the first sync is always checked
+    assert canary and all(0 <= m.value <= 0.15 for m in canary)
+    rows = [json.loads(line) for line in (tmp_path / "runs/mn/rollouts.jsonl").read_text().splitlines()]
+    assert {r["policy_version"] for r in rows if r["step"] == 2} == {1}
