@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--extra", default="", help="more config overrides for every variant, space-separated")
     parser.add_argument("--note", default="", help="stored in the JSON (e.g. how small the run is)")
+    parser.add_argument("--merge", action="store_true", help="add to the variants already in pg_variants.json")
     args = parser.parse_args()
     for flag, var in (("budget_s", "BUDGET_S"), ("eval_every", "EVAL_EVERY"), ("eval_n", "EVAL_N")):
         if getattr(args, flag) is not None:
@@ -147,7 +148,9 @@ def main() -> None:
     if args.part:
         print("RESULT " + json.dumps(part(args.part)))
         return
-    results = {name: run_part(__file__, name) for name in args.variants.split(",")}
+    saved = RESULTS / "pg_variants.json"
+    results = json.loads(saved.read_text())["variants"] if args.merge and saved.exists() else {}
+    results.update({name: run_part(__file__, name) for name in args.variants.split(",")})
     summary = summarise(results, _settings(), args.note)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pg_variants.json").write_text(json.dumps(summary, indent=2))
