@@ -1,6 +1,7 @@
 """One config section per algorithm (``algorithm.name`` picks it): a pydantic discriminated union.
 
-Shared bases: ``_Sampling`` (algorithms that sample during training), ``_PolicyGradient``, ``_Offline``
+Shared bases: ``_Sampling`` (algorithms that sample during training), ``_PolicyGradient``, ``_CriticFree``
+(its loss variants and DAPO's rules), ``_Offline``
 (datasets of examples or pairs) and ``_DpoLoss``. ``raylign.config`` re-exports every name here.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raylign.config_base import _Section
 
@@ -37,21 +38,53 @@ class _PolicyGradient(_Sampling):
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
 
 
-class GrpoConfig(_PolicyGradient):
+class _CriticFree(_PolicyGradient):
+    """Fields of the critic-free policy-gradient step (GRPO, RLOO, REINFORCE, REINFORCE++): the loss variant and
+    DAPO's sampling and length rules (raylign/algorithms/dapo.py), all off by default."""
+
+    policy_loss: Literal["clip", "gspo", "cispo"] = Field("clip", description="clip: PPO-style token ratio clip; gspo: sequence-level ratio and clip (Zheng et al. 2025, always a sequence mean); cispo: clipped, detached IS weight (MiniMax-M1)")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full")
+    max_extra_generate_calls: int = Field(2, ge=0, description="dynamic sampling: at most this many extra generate calls per step (then tied groups fill the batch)")
+    overlong_filter: bool = Field(False, description="DAPO: responses cut by generator.max_new_tokens get loss mask 0 (their reward still counts in the group)")
+    overlong_buffer: int | None = Field(None, ge=1, description="DAPO eq. 13: soft length penalty over the last this many tokens of generator.max_new_tokens; None: off")
+    overlong_penalty: float = Field(1.0, ge=0, description="the soft length penalty at generator.max_new_tokens (DAPO: 1)")
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        if self.policy_loss == "gspo" and "loss_agg" in self.model_fields_set and self.loss_agg != "sequence":
+            raise ValueError(f"policy_loss=gspo averages over sequences; loss_agg={self.loss_agg!r} does not apply")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("dynamic_sampling needs group_size >= 2 (a group of one is always tied)")
+        return self
+
+
+class GrpoConfig(_CriticFree):
     name: Literal["grpo"] = "grpo"
     normalize_std: bool = Field(True, description="divide group advantages by the group std (False = Dr.GRPO)")
     kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
 
 
-class RlooConfig(_PolicyGradient):
+class RlooConfig(_CriticFree):
     name: Literal["rloo"] = "rloo"
     kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
 
 
-class ReinforceConfig(_PolicyGradient):
+class ReinforceConfig(_CriticFree):
     name: Literal["reinforce"] = "reinforce"
     ema_decay: float = Field(0.9, ge=0, lt=1, description="baseline = decay*baseline + (1-decay)*reward")
     kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+
+
+class ReinforcePpConfig(_CriticFree):
+    name: Literal["reinforce_pp"] = "reinforce_pp"
+    group_baseline: bool = Field(False, description="REINFORCE++-baseline: subtract the group mean before the batch normalisation")
+    kl_in_reward: bool = Field(False, description="subtract beta*KL from the reward instead of adding a loss term")
+
+    @model_validator(mode="after")
+    def _check_group(self):
+        if self.group_baseline and self.group_size < 2:
+            raise ValueError("group_baseline needs group_size >= 2")
+        return self
 
 
 class PpoConfig(_PolicyGradient):
@@ -134,7 +167,7 @@ class RestEmConfig(_Sampling):
 
 
 AlgorithmConfig = Annotated[
-    GrpoConfig | RlooConfig | ReinforceConfig | PpoConfig | VinePpoConfig | SftConfig | DpoConfig
+    GrpoConfig | RlooConfig | ReinforceConfig | ReinforcePpConfig | PpoConfig | VinePpoConfig | SftConfig | DpoConfig
     | OnlineDpoConfig | StepDpoConfig | RestEmConfig,
     Field(discriminator="name"),
 ]

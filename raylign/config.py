@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raylign.algorithm_config import (  # noqa: F401 - re-exported: callers import them from here
-    _Sampling, _PolicyGradient, GrpoConfig, RlooConfig, ReinforceConfig, PpoConfig, VinePpoConfig, _Offline,
-    SftConfig, _DpoLoss, DpoConfig, OnlineDpoConfig, StepDpoConfig, RestEmConfig, AlgorithmConfig, ALGORITHM_CONFIGS,
+    _Sampling, _PolicyGradient, _CriticFree, GrpoConfig, RlooConfig, ReinforceConfig, ReinforcePpConfig, PpoConfig,
+    VinePpoConfig, _Offline, SftConfig, _DpoLoss, DpoConfig, OnlineDpoConfig, StepDpoConfig, RestEmConfig, AlgorithmConfig, ALGORITHM_CONFIGS,
 )
 from raylign.config_base import ConfigError, _Section  # noqa: F401
 from raylign.trainer_config import DeepSpeedConfig, LoraConfig, TrainerConfig  # noqa: F401 - re-exported
@@ -203,6 +203,10 @@ class Config(_Section):
                              f"({self.algorithm.prompts_per_step}): a prompt's samples stay in one minibatch")
         if self.algorithm.name in ("grpo", "rloo", "online_dpo") and self.algorithm.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for {self.algorithm.name} (advantages compare samples)")
+        buffer = getattr(self.algorithm, "overlong_buffer", None)
+        if buffer is not None and buffer > self.generator.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer ({buffer}) exceeds generator.max_new_tokens "
+                             f"({self.generator.max_new_tokens}): the penalty zone must fit in the budget")
         if self.trainer.backend == "deepspeed" and getattr(self.algorithm, "critic", None) == "separate":
             raise ValueError("algorithm.critic=separate does not run on trainer.backend=deepspeed (one backward through "
                              "two engines); use algorithm.critic=value_head, or trainer.backend=fsdp2")

@@ -4,6 +4,11 @@
   G samples of one prompt. std is unbiased (torch.std, as TRL). Deviation: a group whose rewards are all
   equal gets exactly 0 (no signal) rather than 0/eps noise. Dr.GRPO (Liu et al. 2025) drops the std.
 - RLOO (Ahmadian et al. 2024, eq. 6): A_i = r_i - 1/(G-1) sum_{j != i} r_j.
+- REINFORCE++ (Hu 2025, eq. 8-9): A_i = (r_i - mean_batch(r)) / std_batch(r), one normalisation over the
+  whole batch instead of per group. REINFORCE++-baseline subtracts the group mean first, then divides by the
+  batch std of those centred rewards (their batch mean is 0 by construction, so it is not subtracted again
+  and a tied group keeps exactly 0). Deviations: the statistics are over sequences, not tokens (OpenRLHF
+  whitens over tokens, which weights a sequence by its length), and an all-equal batch gives exactly 0.
 - EMA baseline (AutoDSPy's REINFORCE): A_i = r_i - b, then b <- decay * b + (1 - decay) * r_i, one sample at
   a time. Deviation from the AutoDSPy seed, which updates b first: the seed's advantage is decay * (r - b)
   and includes the sample's own reward in its baseline; ours uses only earlier samples (unbiased) and differs
@@ -33,6 +38,19 @@ def group_advantages(rewards_P_G: torch.Tensor, normalize_std: bool = True, eps:
     # mean() of equal floats can be off by an ulp; a tied group must give exactly 0, not ulp/eps
     tied_P_1 = (rewards_P_G == rewards_P_G[..., :1]).all(-1, keepdim=True)
     return torch.where(tied_P_1, torch.zeros_like(adv_P_G), adv_P_G)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards_P_G: torch.Tensor, group_baseline: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ (group_baseline=False) or REINFORCE++-baseline: globally normalised advantages. Returns adv_P_G."""
+    if group_baseline:
+        centred_P_G = group_advantages(rewards_P_G, normalize_std=False)  # tied groups: exactly 0
+    else:
+        centred_P_G = rewards_P_G - rewards_P_G.mean()
+        if (rewards_P_G == rewards_P_G.flatten()[0]).all():
+            return torch.zeros_like(rewards_P_G)
+    std = centred_P_G.std() if centred_P_G.numel() > 1 else torch.zeros((), dtype=rewards_P_G.dtype)
+    return centred_P_G / (std + eps)
 
 
 @torch.no_grad()

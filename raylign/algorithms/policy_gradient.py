@@ -9,6 +9,9 @@ Deviations: with one epoch and one minibatch the old log-probs are the trainer's
 ratio is exactly 1 and no extra forward pass is spent; with more, they are recomputed by the trainer before
 the first update (never taken from the generator, whose bf16 kernels differ slightly). KL can be a loss term
 (default) or, with ``kl_in_reward``, subtracted from the reward using the generator's sampling log-probs.
+REINFORCE++ (Hu 2025) normalises advantages over the whole batch (``group_baseline``: after a group-mean
+baseline). Variants of the loss (``policy_loss``: the clipped surrogate, GSPO, CISPO; is_losses.py) and DAPO's
+dynamic sampling and overlong shaping/filtering (dapo.py) are keyword arguments of the same step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections.abc import Callable
 
 import torch
 
-from raylign.algorithms.advantages import ema_baseline_advantages, group_advantages, rloo_advantages
+from raylign.algorithms.advantages import (ema_baseline_advantages, group_advantages, reinforce_pp_advantages,
+                                           rloo_advantages)
+from raylign.algorithms.dapo import mask_truncated, sample_groups
 from raylign.algorithms.losses import kl_penalized_rewards
 from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
 from raylign.types import Completion, Problem, Score
@@ -36,18 +41,27 @@ def _reinforce(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
     return adv_B.view_as(rewards_P_G)
 
 
+def _reinforce_pp(rewards_P_G: torch.Tensor, cfg, state: dict) -> torch.Tensor:
+    return reinforce_pp_advantages(rewards_P_G, group_baseline=cfg.group_baseline)
+
+
 ADVANTAGES: dict[str, Callable[[torch.Tensor, object, dict], torch.Tensor]] = {
-    "grpo": _grpo, "rloo": _rloo, "reinforce": _reinforce,
+    "grpo": _grpo, "rloo": _rloo, "reinforce": _reinforce, "reinforce_pp": _reinforce_pp,
+}
+
+# algorithm.policy_loss -> registered loss (on-policy single update, update with recomputed old log-probs)
+POLICY_LOSSES: dict[str, tuple[str, str]] = {
+    "clip": ("policy_gradient_on_policy", "policy_gradient"), "gspo": ("gspo", "gspo"), "cispo": ("cispo", "cispo"),
 }
 
 
 def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> StepOutput:
     """generate -> score -> advantages -> train_step -> sync. ``state`` carries algorithm state (EMA baseline)."""
-    groups = cluster.generate(problems, n=cfg.group_size, temperature=cfg.temperature)
-    scores = cluster.score(problems, groups)
-    rewards_P_G = torch.tensor([[s.reward for s in g] for g in scores], dtype=torch.float64)
+    problems, groups, scores, rewards_P_G, filtered = sample_groups(cluster, problems, cfg)
     batch = completions_batch(groups, cfg.temperature)
-    metrics = rollout_metrics(groups, scores, rewards_P_G)
+    metrics = {**rollout_metrics(groups, scores, rewards_P_G), **filtered}
+    if cfg.overlong_filter:
+        metrics["filter/truncated_masked"] = float(mask_truncated(batch, groups))
 
     kl_beta_loss = cfg.kl_beta
     if cfg.kl_beta > 0:
@@ -58,12 +72,13 @@ def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: 
     advantages_P_G = ADVANTAGES[cfg.name](rewards_P_G, cfg, state)
     batch.fields["advantages_B"] = advantages_P_G.flatten().tolist()
 
-    loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
-                       kl_beta=kl_beta_loss, kl_kind=cfg.kl_kind, max_tokens=cluster.max_new_tokens)
-    loss_name = "policy_gradient_on_policy"
+    loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_beta=kl_beta_loss, kl_kind=cfg.kl_kind)
+    if cfg.policy_loss != "gspo":  # GSPO's ratio and clip are per sequence: its loss is always a sequence mean
+        loss_kwargs.update(agg=cfg.loss_agg, max_tokens=cluster.max_new_tokens)
+    loss_name = POLICY_LOSSES[cfg.policy_loss][0]
     if cfg.epochs > 1 or cfg.minibatches > 1:
         batch.fields["old_logprobs_B_T"] = cluster.logprobs(batch)
-        loss_name = "policy_gradient"
+        loss_name = POLICY_LOSSES[cfg.policy_loss][1]
     for _ in range(cfg.epochs):
         metrics.update(cluster.train_step(batch, loss_name, loss_kwargs, cfg.minibatches))
     metrics.update(cluster.sync_weights())

@@ -21,6 +21,10 @@ class Cluster(Protocol):
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
         """n samples per problem from the current policy, in problem order."""
 
+    def next_prompts(self, n: int) -> list[Problem]:
+        """n more training prompts from the run's prompt stream, consumed like the step's own (DAPO's dynamic
+        sampling asks for them when it drops groups)."""
+
     def score(self, problems: list[Problem], groups: list[list[Completion]]) -> list[list[Score]]:
         """Rewards for every completion, same nesting as ``groups``."""
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from raylign.algorithms.dpo import dpo_step, online_dpo_step
+from raylign.algorithms.is_losses import cispo_loss, gspo_loss
 from raylign.algorithms.losses import policy_entropy_loss, policy_gradient_loss, ppo_loss, value_only_loss
 from raylign.algorithms.offline_losses import dpo_loss, sft_loss, stepwise_dpo_loss
 from raylign.algorithms.policy_gradient import policy_gradient_step
@@ -68,6 +69,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(policy_gradient_step, "prompts"),
     "rloo": Algorithm(policy_gradient_step, "prompts"),
     "reinforce": Algorithm(policy_gradient_step, "prompts"),
+    "reinforce_pp": Algorithm(policy_gradient_step, "prompts"),
     "ppo": Algorithm(ppo_step, "prompts", critic=lambda cfg: cfg.critic),
     "vineppo": Algorithm(vineppo_step, "prompts"),
     "sft": Algorithm(sft_step, "examples", generation=_never, reference=_never, headline=("loss/sft",)),
@@ -128,6 +130,10 @@ LOSSES: dict[str, Loss] = {
                            _PG_KWARGS | {"entropy_coef"}, frozenset({"entropy_B_T"})),
     "ppo": Loss(ppo_loss, frozenset({"advantages_B", "old_logprobs_B_T", "old_values_B_T", "returns_B_T"}), _REF,
                 _PG_KWARGS | {"vf_coef", "vf_clip", "entropy_coef"}, frozenset({"values_B_T", "entropy_B_T"})),
+    # GSPO: one clipped ratio per sequence, a mean over sequences; CISPO: a clipped, detached IS weight per token
+    "gspo": Loss(gspo_loss, frozenset({"advantages_B"}), _REF | {"old_logprobs_B_T"},
+                 frozenset({"clip_eps", "clip_eps_high", "kl_beta", "kl_kind"}), units="sequence"),
+    "cispo": Loss(cispo_loss, frozenset({"advantages_B"}), _REF | {"old_logprobs_B_T"}, _PG_KWARGS),
     "sft": Loss(sft_loss, frozenset(), units="token"),
     "dpo": Loss(dpo_loss, frozenset({"ref_logprobs_B_T", "chosen_B"}),
                 kwargs=frozenset({"beta", "loss_type", "dpop_lambda", "label_smoothing"}), units="sequence"),

@@ -171,8 +171,12 @@ class PromptStream:
         return order
 
     def next(self) -> list:
+        return self.take(self.batch_size)
+
+    def take(self, n: int) -> list:
+        """The next n items (across epochs); ``next`` takes one step's worth."""
         batch = []
-        while len(batch) < self.batch_size:
+        while len(batch) < n:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._shuffled()

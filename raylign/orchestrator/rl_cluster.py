@@ -68,6 +68,7 @@ class RayCluster:
         self.ref_cache_tokens = 0
         self.judge_tokens = 0
         self.step = 0  # the training step being run (set by the loop; fault hooks read it)
+        self.prompt_source = None  # n -> the next n training prompts (set by the loop; dynamic sampling reads it)
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.syncs = 0
@@ -164,6 +165,11 @@ class RayCluster:
             if p.id not in self.prompt_cache:
                 self.prompt_cache[p.id] = encode_chat(self.tokenizer, p.messages)
         return [self.prompt_cache[p.id] for p in problems]
+
+    def next_prompts(self, n: int) -> list[Problem]:
+        if self.prompt_source is None:
+            raise RuntimeError("no prompt source: the training loop sets RayCluster.prompt_source")
+        return self.prompt_source(n)
 
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
         self.ensure_synced()

@@ -130,6 +130,8 @@ class TrainingRun:
         self.faults: Counter[str] = Counter({"fault/trainer_restarts": 0, "fault/replayed_steps": 0})
         self.rollouts = out_dir / "rollouts.jsonl"
         self.checkpoints = out_dir / "checkpoints"
+        # the step's extra prompts (dynamic sampling) come from the same checkpointed stream, whichever it is now
+        cluster.prompt_source = lambda n: self.stream.take(n)
 
     def run(self, ckpt: Path | None, state: dict) -> dict:
         step = state.get("step", 0)

@@ -96,9 +96,9 @@ def test_every_preset_validates(preset):
 @pytest.mark.parametrize("overrides, expected", [
     (["algorithm.name=dpo", "algorithm.group_size=4"],
      "override 'algorithm.group_size=4': unknown key 'algorithm.group_size' for algorithm.name=dpo (a field of "
-     "grpo, online_dpo, ppo, reinforce, restem, rloo, vineppo)"),
+     "grpo, online_dpo, ppo, reinforce, reinforce_pp, restem, rloo, vineppo)"),
     (["algorithm.name=sgd"], "override 'algorithm.name=sgd': field 'algorithm.name': unknown algorithm 'sgd'; "
-     "expected one of grpo, rloo, reinforce, ppo, vineppo, sft, dpo, online_dpo, step_dpo, restem"),
+     "expected one of grpo, rloo, reinforce, reinforce_pp, ppo, vineppo, sft, dpo, online_dpo, step_dpo, restem"),
     (["algorithm.name=dpo", "algorithm.beta=0"],
      "override 'algorithm.beta=0': field 'algorithm.beta': Input should be greater than 0 (got 0)"),
 ])

@@ -12,7 +12,8 @@ def test_every_algorithm_has_a_config_section_and_declares_its_needs():
         needs[name] = (algo.data, algo.generation(cfg), algo.reference(cfg), algo.critic(cfg), algo.judge(cfg))
     assert needs == {
         "grpo": ("prompts", True, False, None, False), "rloo": ("prompts", True, False, None, False),
-        "reinforce": ("prompts", True, False, None, False), "ppo": ("prompts", True, False, "value_head", False),
+        "reinforce": ("prompts", True, False, None, False), "reinforce_pp": ("prompts", True, False, None, False),
+        "ppo": ("prompts", True, False, "value_head", False),
         "vineppo": ("prompts", True, False, None, False), "sft": ("examples", False, False, None, False),
         "dpo": ("pairs", False, True, None, False), "online_dpo": ("prompts", True, True, None, False),
         "step_dpo": ("pairs", False, True, None, False), "restem": ("prompts", True, False, None, False),
