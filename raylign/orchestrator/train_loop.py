@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -66,6 +68,18 @@ def _trim_rollouts(path: Path, before_step: int) -> None:
         path.write_text("".join(row + "\n" for row in rows))
 
 
+def _write_report(out_dir: Path, tracker: Tracker) -> None:
+    """The HTML report of the finished run, logged to MLflow; a failure here only warns: the run's outputs stand."""
+    try:
+        from raylign.report import write_report
+
+        index = write_report([out_dir])
+        tracker.log_artifacts(index.parent, "report")
+        log.info("report: %s", index)
+    except Exception as e:  # noqa: BLE001 - the report is a view of the run, never a reason to lose it
+        log.warning("the HTML report failed (%s: %s); the run's outputs are complete", type(e).__name__, e)
+
+
 def checkpoint_every(cfg: Config) -> int:
     """Steps between checkpoints: ``train.checkpoint_every``, tightened so a trainer restart loses at most
     ``fault.max_lost_steps`` steps (0: only the final one)."""
@@ -87,6 +101,7 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
+    (out_dir / "command.json").write_text(json.dumps({"argv": sys.argv, "cwd": os.getcwd()}, indent=2))
     tracker = Tracker(cfg.tracking, run_name=out_dir.name, resume_run_id=state.get("mlflow_run_id"))
     if not ckpt:
         tracker.log_config(cfg)
@@ -106,6 +121,8 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_artifact(out_dir / "summary.json")
         tracker.log_artifact(out_dir / "config.yaml")
+        if cfg.train.report:
+            _write_report(out_dir, tracker)
         tracker.close()
     except BaseException as e:
         tracker.fail(e)
@@ -129,6 +146,7 @@ class TrainingRun:
         self.timing: dict[str, float] = {}
         self.faults: Counter[str] = Counter({"fault/trainer_restarts": 0, "fault/replayed_steps": 0})
         self.rollouts = out_dir / "rollouts.jsonl"
+        self.metrics_log = out_dir / "metrics.jsonl"  # one row per step and per eval: the report reads it
         self.checkpoints = out_dir / "checkpoints"
 
     def run(self, ckpt: Path | None, state: dict) -> dict:
@@ -158,6 +176,9 @@ class TrainingRun:
             self.evals["eval_before"] = run_eval_phase(self.cluster, self.eval_problems, "eval_before", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_before"].items()}, step=0)
         _trim_rollouts(self.rollouts, 0)
+        _trim_rollouts(self.metrics_log, -1)  # a fresh start: nothing of an earlier run in this folder stays
+        if "eval_before" in self.evals:
+            self.log_row(0, "eval_before", self.evals["eval_before"])
         return 0
 
     def restore(self, ckpt: Path, state: dict) -> int:
@@ -172,6 +193,7 @@ class TrainingRun:
         self.cluster.push_weights(state["policy_version"])
         self.cluster.tokens_generated = state.get("tokens_generated", 0)
         _trim_rollouts(self.rollouts, state["step"])
+        _trim_rollouts(self.metrics_log, state["step"])
         return state["step"]
 
     def recover(self, error: TrainerGroupError, step: int) -> int:
@@ -191,6 +213,7 @@ class TrainingRun:
             self.algo_state = {}
             self.cluster.push_weights(0)
             _trim_rollouts(self.rollouts, 0)
+            _trim_rollouts(self.metrics_log, 0)
             back = 0
         else:
             verify_checkpoint(ckpt)  # hashes every file: a damaged checkpoint stops the run rather than loading
@@ -220,6 +243,7 @@ class TrainingRun:
                    "timing/overhead": step_s - sum(phases.values()),
                    "perf/tokens_per_s": (cluster.tokens_generated - tokens_before) / step_s}
         self.tracker.log_metrics(metrics, step=step + 1)
+        self.log_row(step + 1, name, metrics)
         with self.rollouts.open("a") as f:
             for r in out.records:
                 f.write(json.dumps({"step": step + 1, "algorithm": name, **r}, ensure_ascii=False) + "\n")
@@ -228,6 +252,12 @@ class TrainingRun:
                  ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), step_s)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+    def log_row(self, step: int, kind: str, metrics: dict) -> None:
+        """One metrics.jsonl row: a step's metrics (kind: the algorithm) or an eval's (kind: its name)."""
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        with self.metrics_log.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, "metrics": numbers}) + "\n")
 
     def fault_counters(self) -> dict[str, float]:
         return {**self.cluster.fault_counters(), **self.faults}
@@ -257,6 +287,7 @@ class TrainingRun:
         if cfg.train.eval_after:
             self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=self.total)
+            self.log_row(self.total, "eval_after", self.evals["eval_after"])
         plot = plot_pipeline_shares(self.evals, self.out_dir / "pipelines.png")  # env.name=dspy
         if plot is not None:
             self.tracker.log_artifact(plot)
