@@ -177,8 +177,7 @@ def plot_prompt_heatmap(run: RunData, path: Path) -> Path | None:
     steps = sorted({s for _, _, by_step in rows for s in by_step})
     grid = [[by_step.get(s, math.nan) for s in steps] for _, _, by_step in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.06 * len(steps) + 4), max(2.5, 0.16 * len(rows) + 1.2)))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
     ax.set_yticks(range(len(rows)), [f"{pid} ({trend})" for pid, trend, _ in rows], fontsize=6)
