@@ -52,6 +52,23 @@ def _timing_section(run: RunData, out: Path) -> str:
     return section("Time per phase", body + image(plot_timing(run, out / "timing.png"), "timing"), "timing")
 
 
+def _cost_section(run: RunData) -> str:
+    """Tokens per purpose and seconds per role, from the summary's ``cost`` section (raylign >= this one)."""
+    cost = run.summary.get("cost")
+    if not cost:
+        return ""
+    tokens = [(k, f"{v:,.0f}") for k, v in cost["tokens_generated"].items() if v]
+    tokens.append(("trained", f"{cost['tokens_trained']:,.0f}"))
+    head = "<tr><th>role</th><th>busy s</th><th>idle s</th><th>tokens/s busy</th></tr>"
+    rows = "".join(f"<tr><td>{html.escape(role)}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td>"
+                   f"<td>{v['tokens_per_s']:.1f}</td></tr>" if "tokens_per_s" in v else
+                   f"<tr><td>{html.escape(role)}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td><td></td></tr>"
+                   for role, v in cost["roles"].items())
+    body = (f"<p>tokens generated per purpose, and trained:</p>{kv_table(tokens)}<p>seconds per role over the run's "
+            f"{cost['total_s']:.1f} timed seconds:</p><table class=\"kv\" id=\"roles\">{head}{rows}</table>")
+    return section("Cost", body, "cost")
+
+
 def _prompt_section(run: RunData, out: Path) -> str:
     rows = heatmap_rows(run)
     if not rows:
@@ -72,7 +89,7 @@ def run_page(run: RunData, out: Path) -> str:
     dist = image(plot_reward_distribution(run, out / "reward_distribution.png"), "reward distribution")
     sections = [section("Summary", _headline(run), "summary"), _accuracy_section(run, out),
                 *_curve_sections(run, out), section("Reward distribution", dist, "reward-distribution"),
-                _timing_section(run, out), _prompt_section(run, out), config_section(run)]
+                _timing_section(run, out), _cost_section(run), _prompt_section(run, out), config_section(run)]
     return page(f"raylign report: {run.name}", sections, run.rollouts)
 
 

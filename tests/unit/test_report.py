@@ -150,3 +150,17 @@ def test_a_failing_report_only_warns(tmp_path, caplog):
     assert "the HTML report failed (FileNotFoundError" in caplog.text and tracker.logged == []
     _write_report(write_run(tmp_path / "run"), tracker)
     assert tracker.logged == [(tmp_path / "run/report", "report")]
+
+
+def test_cost_section_lists_tokens_and_roles(tmp_path):
+    from raylign.orchestrator.cost import cost_summary
+
+    folder = write_run(tmp_path / "run")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["cost"] = cost_summary({"generate": 20.0, "train": 30.0, "overhead": 50.0},
+                                   {"tokens_generated": 500.0, "tokens_trained": 900.0})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = write_report([folder]).read_text()
+    assert "<tr><th>rollouts</th><td>500</td></tr>" in text and "<tr><th>trained</th><td>900</td></tr>" in text
+    assert "<tr><td>generators</td><td>20.0</td><td>80.0</td><td>25.0</td></tr>" in text
+    assert "<tr><td>reward</td><td>0.0</td><td>100.0</td><td></td></tr>" in text
