@@ -44,6 +44,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final model: {summary['final_model_dir']}")
     print(f"rollouts:    {summary['rollouts']}")
     print(f"summary:     {Path(summary['rollouts']).parent / 'summary.json'}")
+    report = Path(summary["rollouts"]).parent / "report/index.html"
+    if report.is_file():
+        print(f"report:      {os.path.relpath(report)}")
     if summary["mlflow_run_id"]:
         print(f"mlflow:      run {summary['mlflow_run_id']} (make mlflow-ui, or "
               f"mlflow ui --backend-store-uri sqlite:///mlflow.db)")

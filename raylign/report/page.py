@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from raylign.report.data import RunData, item_id
@@ -101,6 +102,9 @@ $('f-prompt').oninput = (e) => setFilter({prompt: e.target.value, page: ''});
 $('prev').onclick = () => setFilter({page: String(Math.max(1, readHash().page - 1))});
 $('next').onclick = () => setFilter({page: String(readHash().page + 1)});
 window.addEventListener('hashchange', render);
+window.addEventListener('load', () => {
+  document.body.dataset.images = [...document.images].filter((i) => i.complete && i.naturalWidth > 0).length;
+});
 render();
 """
 
@@ -171,8 +175,11 @@ def page(title: str, sections: list[str], rollouts: list[dict] | None) -> str:
     if rollouts is not None:
         table = section("Rollouts", ROLLOUTS_HTML + f'<script type="application/json" id="rollout-data">'
                         f"{embedded_json(rollout_rows(rollouts))}</script><script>{SCRIPT}</script>", "rollouts-section")
+    body = "".join(sections) + table
+    links = " | ".join(f'<a href="#{a}">{t}</a>'
+                       for a, t in re.findall(r'<section id="([^"]+)"><h2>([^<]+)</h2>', body))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}{table}</body></html>")
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><nav>{links}</nav>{body}</body></html>")
 
 
 def config_section(run: RunData) -> str:

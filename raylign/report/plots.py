@@ -129,7 +129,7 @@ def plot_reward_distribution(run: RunData, path: Path) -> Path | None:
     if not by_step:
         return None
     steps = _even(sorted(by_step), MAX_BOX_STEPS)
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(steps) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.25 * len(steps) + 2)), 3.2))
     ax.boxplot([by_step[s] for s in steps], positions=range(len(steps)), widths=0.6, showmeans=True)
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7, rotation=90 if len(steps) > 20 else 0)
     ax.set_xlabel("training step")
@@ -144,7 +144,7 @@ def plot_timing(run: RunData, path: Path) -> Path | None:
     if not phases:
         return None
     steps = sorted(run.steps)
-    fig, ax = plt.subplots(figsize=(max(6, 0.05 * len(steps) + 5), 3.4))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.05 * len(steps) + 5)), 3.4))
     bottom = [0.0] * len(steps)
     for i, key in enumerate(phases):
         values = [max(0.0, run.steps[s].get(key, 0.0)) for s in steps]
@@ -176,7 +176,7 @@ def plot_prompt_heatmap(run: RunData, path: Path) -> Path | None:
         return None
     steps = sorted({s for _, _, by_step in rows for s in by_step})
     grid = [[by_step.get(s, math.nan) for s in steps] for _, _, by_step in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.06 * len(steps) + 4), max(2.5, 0.16 * len(rows) + 1.2)))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.06 * len(steps) + 4)), max(2.5, 0.16 * len(rows) + 1.2)))
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
