@@ -102,6 +102,7 @@ $('f-prompt').oninput = (e) => setFilter({prompt: e.target.value, page: ''});
 $('prev').onclick = () => setFilter({page: String(Math.max(1, readHash().page - 1))});
 $('next').onclick = () => setFilter({page: String(readHash().page + 1)});
 window.addEventListener('hashchange', render);
+if (location.hash.includes('=')) $('rollouts-section').scrollIntoView();  // a filtered link opens at the table
 window.addEventListener('load', () => {
   document.body.dataset.images = [...document.images].filter((i) => i.complete && i.naturalWidth > 0).length;
 });
