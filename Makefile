@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test unit integration bench clean mlflow-ui
+.PHONY: setup demo test unit integration bench clean mlflow-ui chromium
 
 setup: $(STAMP)
 
@@ -30,8 +30,15 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/raylign train configs/grpo_arith.yaml output_dir=runs/demo
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest tests -q -rs --durations=25
+
+# The report's browser test needs headless Chromium: installed through apt when missing (a machine without apt
+# skips that test and says why).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq && \
+		  $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq --no-install-recommends chromium; }
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q

@@ -1,6 +1,7 @@
 """`raylign eval|train CONFIG [key=value ...]`, `raylign data validate CONFIG`, `raylign index build CONFIG
 [key=value ...]`, `raylign plan CONFIG [key=value ...]` (estimated memory), `raylign export RUN_DIR
-[--merge|--adapter]` (the trained policy) and `raylign config` (every field with its doc)."""
+[--merge|--adapter]` (the trained policy), `raylign report RUN_DIR [RUN_DIR ...] [--prompt ID]` (an HTML page
+of a run, or of several overlaid) and `raylign config` (every field with its doc)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final model: {summary['final_model_dir']}")
     print(f"rollouts:    {summary['rollouts']}")
     print(f"summary:     {Path(summary['rollouts']).parent / 'summary.json'}")
+    report = Path(summary["rollouts"]).parent / "report/index.html"
+    if report.is_file():
+        print(f"report:      {os.path.relpath(report)}")
     if summary["mlflow_run_id"]:
         print(f"mlflow:      run {summary['mlflow_run_id']} (make mlflow-ui, or "
               f"mlflow ui --backend-store-uri sqlite:///mlflow.db)")
@@ -115,6 +119,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """A run folder as HTML + PNGs, several overlaid, or one prompt's accuracy (files only, no Ray)."""
+    from raylign.report import write_prompt_plot, write_report
+
+    if args.prompt is not None:
+        if len(args.run_dirs) != 1:
+            print("raylign: --prompt takes one RUN_DIR", file=sys.stderr)
+            return 2
+        try:
+            print(f"wrote {write_prompt_plot(args.run_dirs[0], args.prompt, args.out)}")
+        except KeyError as e:
+            print(f"raylign: {e.args[0]}", file=sys.stderr)
+            return 2
+        return 0
+    missing = [d for d in args.run_dirs if not Path(d).is_dir()]
+    if missing:
+        print(f"raylign: no such run folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    print(f"wrote {write_report(args.run_dirs, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = argparse.ArgumentParser(prog="raylign", description="Ray-based RL post-training for LLMs")
@@ -152,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--adapter", action="store_true", help="the peft adapter folder alone (LoRA runs)")
     p.add_argument("--out", help="output folder (default RUN_DIR/export-merged or RUN_DIR/export-adapter)")
     p.set_defaults(fn=_export)
+    p = sub.add_parser("report", help="an HTML report of a run (RUN_DIR/report/index.html), or of several overlaid")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="raylign train output_dir(s)")
+    p.add_argument("--prompt", metavar="ID", help="only this prompt's accuracy over steps, as a PNG")
+    p.add_argument("--out", help="output folder (one run: RUN_DIR/report; several: RUN_A/report/compare) or PNG path")
+    p.set_defaults(fn=_report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

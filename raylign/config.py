@@ -144,6 +144,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every K steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
     resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in output_dir")
+    report: bool = Field(True, description="write the HTML report (output_dir/report/index.html) at the end and log it to MLflow")
 
 
 class FaultConfig(_Section):

@@ -94,11 +94,23 @@ def rollout_output(problems: list[Problem], groups: list[list[Completion]], scor
     records = [
         {"prompt_id": p.id, "sample": j, "prompt": p.messages[-1]["content"], "completion": c.text,
          "prediction": s.prediction, "ground_truth": p.answer, "reward": s.reward, "correct": s.correct,
-         "advantage": float(advantages_P_G[i, j]), "tokens": len(c.token_ids), "policy_version": c.policy_version}
+         "advantage": float(advantages_P_G[i, j]), "tokens": len(c.token_ids), "policy_version": c.policy_version,
+         "finish_reason": c.finish_reason, **record_extras(c, s)}
         for i, (p, group, sg) in enumerate(zip(problems, groups, scores, strict=True))
         for j, (c, s) in enumerate(zip(group, sg, strict=True))
     ]
     return StepOutput(metrics, records, groups, scores, advantages_P_G)
+
+
+def record_extras(c: Completion, s: Score) -> dict:
+    """What the report shows beyond the reward: its components, and where tool output (loss mask 0) sits in
+    the text of a tool-use episode (character spans)."""
+    extras = {}
+    if s.info.get("components"):
+        extras["components"] = s.info["components"]
+    if "tool_spans" in c.info:
+        extras["tool_spans"] = c.info["tool_spans"]
+    return extras
 
 
 def _kl_in_reward(rewards_P_G, groups, ref_logprobs, cfg) -> torch.Tensor:

@@ -10,6 +10,7 @@ per-sample reward components of a batch into one reward each (``rag.combine``: u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,6 +28,7 @@ class ToolEpisodes:
     def __init__(self, generators: GeneratorPool, retrievers: RetrieverPool, tokenizer, cfg: Config):
         self.generators, self.retrievers, self.tokenizer, self.cfg = generators, retrievers, tokenizer, cfg
         self.search_calls = 0
+        self.search_s = 0.0
 
     def spec(self, **changes) -> SamplingSpec:
         return self.generators.spec(**changes)
@@ -38,7 +40,11 @@ class ToolEpisodes:
 
     def _search(self, queries: list[str], k: int):
         self.search_calls += 1
-        return self.retrievers.search(queries, k)
+        start = time.perf_counter()
+        try:
+            return self.retrievers.search(queries, k)
+        finally:
+            self.search_s += time.perf_counter() - start
 
     def generate(self, prompts_ids: list[list[int]], spec: SamplingSpec,
                  on_done: Callable[[int], None] | None = None) -> list[list[Completion]]:

@@ -49,6 +49,10 @@ class Tracker:
         if self.run_id:
             self.mlflow.log_artifact(str(path))
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        if self.run_id:
+            self.mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self.mlflow.end_run(status=status)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
                                              verify_checkpoint)
 from raylign.orchestrator.cluster import ray_cluster
+from raylign.orchestrator.cost import COUNTERS, cost_metrics, cost_summary, merged_counters
 from raylign.orchestrator.evaluate import evaluate
 from raylign.orchestrator.faults import RestartLimitError
 from raylign.orchestrator.pipeline_plot import plot_pipeline_shares
@@ -53,6 +56,7 @@ def run_eval_phase(cluster: RayCluster, problems: list[Problem], name: str, out_
     with cluster.timer.phase(name):
         metrics, records = evaluate(problems, cluster.prompt_ids(problems), cluster.rollouts, cluster.rewards,
                                     spec, desc=name)
+    cluster.eval_tokens += sum(r["tokens"] for r in records)
     with (out_dir / f"{name}.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -64,6 +68,18 @@ def _trim_rollouts(path: Path, before_step: int) -> None:
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= before_step]
         path.write_text("".join(row + "\n" for row in rows))
+
+
+def _write_report(out_dir: Path, tracker: Tracker) -> None:
+    """The HTML report of the finished run, logged to MLflow; a failure here only warns: the run's outputs stand."""
+    try:
+        from raylign.report import write_report
+
+        index = write_report([out_dir])
+        tracker.log_artifacts(index.parent, "report")
+        log.info("report: %s", index)
+    except Exception as e:  # noqa: BLE001 - the report is a view of the run, never a reason to lose it
+        log.warning("the HTML report failed (%s: %s); the run's outputs are complete", type(e).__name__, e)
 
 
 def checkpoint_every(cfg: Config) -> int:
@@ -87,6 +103,7 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
+    (out_dir / "command.json").write_text(json.dumps({"argv": sys.argv, "cwd": os.getcwd()}, indent=2))
     tracker = Tracker(cfg.tracking, run_name=out_dir.name, resume_run_id=state.get("mlflow_run_id"))
     if not ckpt:
         tracker.log_config(cfg)
@@ -106,6 +123,8 @@ def train(cfg: Config | TrainingPlan, reward_fn=None, on_phase: PhaseHook | None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_artifact(out_dir / "summary.json")
         tracker.log_artifact(out_dir / "config.yaml")
+        if cfg.train.report:
+            _write_report(out_dir, tracker)
         tracker.close()
     except BaseException as e:
         tracker.fail(e)
@@ -127,8 +146,10 @@ class TrainingRun:
         self.algo_state: dict = {}
         self.evals: dict = {}
         self.timing: dict[str, float] = {}
+        self.saved_services: dict[str, float] = {}  # LM-service tokens of the run before this process (resume)
         self.faults: Counter[str] = Counter({"fault/trainer_restarts": 0, "fault/replayed_steps": 0})
         self.rollouts = out_dir / "rollouts.jsonl"
+        self.metrics_log = out_dir / "metrics.jsonl"  # one row per step and per eval: the report reads it
         self.checkpoints = out_dir / "checkpoints"
         # the step's extra prompts (dynamic sampling) come from the same checkpointed stream, whichever it is now
         cluster.prompt_source = lambda n: self.stream.take(n)
@@ -160,10 +181,15 @@ class TrainingRun:
             self.evals["eval_before"] = run_eval_phase(self.cluster, self.eval_problems, "eval_before", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_before"].items()}, step=0)
         _trim_rollouts(self.rollouts, 0)
+        _trim_rollouts(self.metrics_log, -1)  # a fresh start: nothing of an earlier run in this folder stays
+        if "eval_before" in self.evals:
+            self.log_row(0, "eval_before", self.evals["eval_before"])
         return 0
 
-    def restore(self, ckpt: Path, state: dict) -> int:
-        """Load a complete checkpoint into the trainer, the generators and this loop; returns its step."""
+    def restore(self, ckpt: Path, state: dict, resuming: bool = True) -> int:
+        """Load a complete checkpoint into the trainer, the generators and this loop; returns its step.
+        ``resuming`` (a new process): the cost counters continue from the checkpoint's; a recovery inside the
+        run keeps its own, which count the replayed work too."""
         self.cluster.trainer.load_checkpoint(str(ckpt))
         self.stream.load_state_dict(state["data"])
         if "warmup_data" in state:
@@ -172,8 +198,12 @@ class TrainingRun:
         self.evals = {**state.get("evals", {}), **self.evals}
         self.timing = {**state.get("timing", {}), **self.timing}
         self.cluster.push_weights(state["policy_version"])
-        self.cluster.tokens_generated = state.get("tokens_generated", 0)
+        if resuming:
+            for key, value in {"tokens_generated": state.get("tokens_generated", 0), **state.get("counters", {})}.items():
+                setattr(self.cluster, key, value)
+            self.saved_services = state.get("service_tokens", {})
         _trim_rollouts(self.rollouts, state["step"])
+        _trim_rollouts(self.metrics_log, state["step"])
         return state["step"]
 
     def recover(self, error: TrainerGroupError, step: int) -> int:
@@ -193,10 +223,11 @@ class TrainingRun:
             self.algo_state = {}
             self.cluster.push_weights(0)
             _trim_rollouts(self.rollouts, 0)
+            _trim_rollouts(self.metrics_log, 0)
             back = 0
         else:
             verify_checkpoint(ckpt)  # hashes every file: a damaged checkpoint stops the run rather than loading
-            back = self.restore(ckpt, read_driver_state(ckpt))
+            back = self.restore(ckpt, read_driver_state(ckpt), resuming=False)
         self.faults["fault/replayed_steps"] += step - back
         self.bar.n = back
         self.bar.refresh()
@@ -212,16 +243,17 @@ class TrainingRun:
         items = stream.next()
         cluster.step = step + 1
         cluster.reseed(step)
+        self.add_timing(cluster.timer.pop())  # startup, evals, checkpoints: before this step, not in it
         step_start, tokens_before = time.perf_counter(), cluster.tokens_generated
         out = algorithm.step(cluster, items, algo_cfg, state)
         step_s = time.perf_counter() - step_start
         phases = cluster.timer.pop()
-        for k, v in phases.items():
-            self.timing[k] = self.timing.get(k, 0.0) + v
+        phases["timing/overhead"] = step_s - sum(phases.values())
+        self.add_timing(phases)
         metrics = {**out.metrics, **phases, **self.fault_counters(), "timing/step": step_s,
-                   "timing/overhead": step_s - sum(phases.values()),
                    "perf/tokens_per_s": (cluster.tokens_generated - tokens_before) / step_s}
         self.tracker.log_metrics(metrics, step=step + 1)
+        self.log_row(step + 1, name, metrics)
         with self.rollouts.open("a") as f:
             for r in out.records:
                 f.write(json.dumps({"step": step + 1, "algorithm": name, **r}, ensure_ascii=False) + "\n")
@@ -230,6 +262,21 @@ class TrainingRun:
                  ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), step_s)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+    def add_timing(self, phases: dict[str, float]) -> None:
+        for k, v in phases.items():
+            self.timing[k] = self.timing.get(k, 0.0) + v
+
+    def counters(self) -> dict[str, float]:
+        """The run's cost counters so far (driver and LM services), resumed parts included."""
+        driver = {k: float(getattr(self.cluster, k)) for k in COUNTERS}
+        return merged_counters(driver, self.cluster.fault_counters(), self.saved_services)
+
+    def log_row(self, step: int, kind: str, metrics: dict) -> None:
+        """One metrics.jsonl row: a step's metrics (kind: the algorithm) or an eval's (kind: its name)."""
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        with self.metrics_log.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, "metrics": numbers}) + "\n")
 
     def fault_counters(self) -> dict[str, float]:
         return {**self.cluster.fault_counters(), **self.faults}
@@ -245,6 +292,8 @@ class TrainingRun:
                  "warmup_data": self.warmup_stream.state_dict(),
                  "algorithm": self.algo_state, "mlflow_run_id": self.tracker.run_id, "evals": self.evals,
                  "tokens_generated": self.cluster.tokens_generated, "timing": self.timing,
+                 "counters": {k: getattr(self.cluster, k) for k in COUNTERS},
+                 "service_tokens": {k: v for k, v in self.counters().items() if k.endswith("_model/tokens")},
                  "config": self.cfg.model_dump(mode="json")}
         meta = {"world_size": self.cfg.trainer.num_workers, "model": self.cfg.model.name}
         with self.cluster.timer.phase("checkpoint"):
@@ -259,13 +308,15 @@ class TrainingRun:
         if cfg.train.eval_after:
             self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=self.total)
+            self.log_row(self.total, "eval_after", self.evals["eval_after"])
         plot = plot_pipeline_shares(self.evals, self.out_dir / "pipelines.png")  # env.name=dspy
         if plot is not None:
             self.tracker.log_artifact(plot)
-        for k, v in cluster.timer.pop().items():
-            self.timing[k] = self.timing.get(k, 0.0) + v
+        self.add_timing(cluster.timer.pop())
         faults = self.fault_counters()
         self.tracker.log_metrics(faults, step=self.total)
+        cost = cost_summary({k.removeprefix("timing/"): v for k, v in self.timing.items()}, self.counters())
+        self.tracker.log_metrics(cost_metrics(cost), step=self.total)
         return {"steps": self.total, "sft_warmup_steps": cfg.train.sft_warmup_steps, "algorithm": cfg.algorithm.name,
                 "model": cfg.model.name, **self.evals,
                 "timing": {k.removeprefix("timing/"): v for k, v in self.timing.items()},
@@ -274,4 +325,4 @@ class TrainingRun:
                 "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),
                 "final_checkpoint": str(final_ckpt), "rollouts": str(self.rollouts),
                 "reward_events": cluster.rewards.counters() if cluster.rewards is not None else {}, "faults": faults,
-                "weight_sync": cluster.sync_layout}
+                "weight_sync": cluster.sync_layout, "cost": cost}

@@ -76,3 +76,9 @@ def test_relative_paths_eval_and_a_killed_driver_resuming_to_identical_weights(g
     cut = [json.loads(x) for x in (tmp_path / "runs/cut/rollouts.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in cut}) == [1, 2, 3]
     assert [r["completion"] for r in cut] == [r["completion"] for r in straight]
+    # cost totals survive the resume: the same samples and batches as the straight run
+    for key in ("rollouts", "eval"):
+        assert resumed["cost"]["tokens_generated"][key] == summary["cost"]["tokens_generated"][key], key
+    assert resumed["cost"]["tokens_trained"] == summary["cost"]["tokens_trained"]
+    metric_steps = [json.loads(x)["step"] for x in (tmp_path / "runs/cut/metrics.jsonl").read_text().splitlines()]
+    assert metric_steps == [0, 1, 2, 3, 3]  # eval_before, the steps once each (rows past the checkpoint trimmed), eval_after

@@ -30,3 +30,27 @@ def test_grpo_run_logs_everything(grpo_cli_run):
                 "timing/sync", "perf/tokens_per_s", "response/len_mean", "eval/accuracy"]:
         assert key in mlflow_run.data.metrics, key
     assert mlflow_run.data.params["algorithm.name"] == "grpo"
+
+
+def test_the_run_gets_a_report_naming_its_accuracy(grpo_cli_run):
+    """train.report=true (the default): the report is written at the end, names the summary's before/after
+    accuracy, embeds every rollout, is logged to MLflow; metrics.jsonl and the cost section are there for it."""
+    summary, run, cwd = grpo_cli_run["summary"], grpo_cli_run["run"], grpo_cli_run["cwd"]
+    text = (run / "report/index.html").read_text()
+    before, after = (f"{100 * summary[k]['accuracy']:.1f}%" for k in ("eval_before", "eval_after"))
+    assert f'<b id="acc-before">{before}</b>' in text and f'<b id="acc-after">{after}</b>' in text
+    assert text.count('"step":') == 3 * 2 * 4 and (run / "report/reward.png").stat().st_size > 5000
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in rows] == [(0, "eval_before"), (1, "grpo"), (2, "grpo"), (3, "grpo"),
+                                                     (3, "eval_after")]
+    assert rows[-1]["metrics"]["accuracy"] == summary["eval_after"]["accuracy"]
+    assert "timing/startup" not in rows[1]["metrics"] and rows[1]["metrics"]["timing/overhead"] >= 0
+    cost = summary["cost"]
+    assert cost["tokens_generated"]["rollouts"] == summary["tokens_generated"] > 0
+    assert cost["tokens_generated"]["eval"] > 0 and cost["tokens_trained"] > 0
+    assert 0 < cost["roles"]["trainer"]["busy_s"] < cost["total_s"] and cost["roles"]["generators"]["tokens_per_s"] > 0
+    client = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "report")}
+    assert {"report/index.html", "report/reward.png"} <= artifacts
+    assert "cost/tokens/rollouts" in client.get_run(summary["mlflow_run_id"]).data.metrics
+    assert "report:      runs/straight/report/index.html" in grpo_cli_run["stdout"]

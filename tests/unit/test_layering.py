@@ -74,3 +74,12 @@ def test_no_import_cycles():
     for m in sorted(graph):
         visit(m, [], done)
     assert cycles == []
+
+
+def test_the_report_reads_files_and_never_imports_the_cluster_or_torch():
+    files = sorted((PKG / "report").rglob("*.py"))
+    assert files, "raylign/report has no modules"
+    forbidden = FORBIDDEN + ("torch", "mlflow")
+    bad = [(f.name, name) for f in files for name in _imports(f)
+           if any(name == m or name.startswith(m + ".") for m in forbidden)]
+    assert bad == []

@@ -112,10 +112,12 @@ def test_search_then_answer_splices_tool_tokens_with_mask_zero(tok):
     assert a.logprobs == [-0.5 - k for k in range(len(t1))] + [0.0] * len(tool_ids) + [-0.5 - k for k in range(len(t2))]
     assert a.text == "I will look. <search>capital of France</search>" + tool + "<answer>Paris</answer>"
     assert (a.finish_reason, a.policy_version, a.replica) == ("stop", 4, 3)
+    start = len(t1_text := "I will look. <search>capital of France</search>")
     assert a.info == {"turns": 2, "searches": ["capital of France"], "retrieved": [["d_paris", "d_lyon"]],
-                      "tool_errors": 0, "answer": "Paris"}
+                      "tool_errors": 0, "answer": "Paris", "tool_spans": [[start, start + len(tool)]]}
+    assert a.text[slice(*a.info["tool_spans"][0])] == tool and a.text[:start] == t1_text
     assert b.token_ids == gen.ids("<answer>Lyon</answer>") and b.loss_mask == [1] * len(b.token_ids)
-    assert b.info == {"turns": 1, "searches": [], "retrieved": [], "tool_errors": 0, "answer": "Lyon"}
+    assert b.info == {"turns": 1, "searches": [], "retrieved": [], "tool_errors": 0, "answer": "Lyon", "tool_spans": []}
     # turn 1: the prompt with n=2; turn 2: only the live trajectory with n=1
     assert [(c, n, m, s) for c, n, _, m, s in gen.calls] == [([PROMPTS[0]], 2, 40, STOPS),
                                                              ([PROMPTS[0] + t1 + tool_ids], 1, 40, STOPS)]
@@ -144,8 +146,11 @@ def test_last_turn_is_told_to_answer_and_a_last_search_is_not_served(tok):
     assert len(gen.calls) == 3 and len(search.calls) == 2
     assert c.text == (turns[0][0] + tool_text(CORPUS["capital of France"]) + turns[1][0]
                       + tool_text(CORPUS["Eiffel"], LAST_TURN_NOTE) + turns[2][0])
+    spans = c.info.pop("tool_spans")
     assert c.info == {"turns": 3, "searches": ["capital of France", "Eiffel"],
                       "retrieved": [["d_paris", "d_lyon"], ["d_eiffel"]], "tool_errors": 0, "answer": None}
+    assert [c.text[a:b] for a, b in spans] == [tool_text(CORPUS["capital of France"]),
+                                              tool_text(CORPUS["Eiffel"], LAST_TURN_NOTE)]
     assert c.finish_reason == "stop"
     assert "<answer>evil</answer>" not in c.text  # the injected document is neutralised
 

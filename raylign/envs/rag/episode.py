@@ -46,6 +46,7 @@ class _Trajectory:
     searches: list[str] = field(default_factory=list)
     retrieved: list[list[str]] = field(default_factory=list)
     tool_errors: int = 0
+    tool_spans: list[list[int]] = field(default_factory=list)  # [start, end) of each tool output in the text
     answer: str | None = None
     finish_reason: str | None = None  # set when the episode is over
 
@@ -54,7 +55,7 @@ class _Trajectory:
 
     def to_completion(self) -> Completion:
         info = {"turns": len(self.versions), "searches": self.searches, "retrieved": self.retrieved,
-                "tool_errors": self.tool_errors, "answer": self.answer}
+                "tool_errors": self.tool_errors, "answer": self.answer, "tool_spans": self.tool_spans}
         return Completion(self.prompt_ids, self.token_ids, "".join(self.texts), self.logprobs,
                           self.finish_reason or "stop", min(self.versions, default=0), self.replica,
                           self.loss_mask, info)
@@ -101,6 +102,8 @@ def _add_tool_output(traj: _Trajectory, block: str, tokenizer, room_needed: int,
     traj.token_ids += ids
     traj.logprobs += [0.0] * len(ids)
     traj.loss_mask += [0] * len(ids)
+    start = sum(map(len, traj.texts))
+    traj.tool_spans.append([start, start + len(text)])
     traj.texts.append(text)
     return True
 
