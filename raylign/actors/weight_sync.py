@@ -120,7 +120,7 @@ def send_weights(wrapped, lora, model_path: str, rank: int, bucket_bytes: int) -
     for names in plan_buckets(sizes, bucket_bytes):
         chosen = set(names)
         part = wrapped.gather_params(chosen.__contains__)
-        if rank == 0:
-            out.append(put_bucket({k: part[k].to(torch.bfloat16) for k in names}))
+        if rank == 0:  # pop: each fp32 tensor is freed as its bf16 copy is made, so the two never both peak
+            out.append(put_bucket({k: part.pop(k).to(torch.bfloat16) for k in names}))
         del part
     return WeightBuckets("full", tuple(out), node) if rank == 0 else None

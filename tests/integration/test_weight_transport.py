@@ -85,3 +85,68 @@ def test_the_canary_catches_a_replica_serving_old_weights(cluster, tmp_path):
     gap = rc.check_sync()
     assert rc.fault_counters()["fault/generator_restarts"] == before + 1 and gap <= cfg.trainer.sync_check_tol
     assert _max_gap(rc, cfg) < 0.15
+
+
+def test_the_sender_holds_one_bucket_not_the_whole_model(ray_session):
+    """16 x 16 MB of fp32 parameters (128 MB as bf16) sent in 32 MB buckets: the sender's resident memory grows by
+    at most the bf16 model (its pages in the object store) plus 2 buckets; gathering the whole model first, as the
+    file transport does, would add its 256 MB fp32 copy on top."""
+    import ray
+
+    # glibc raises its mmap threshold after each large free and then keeps freed buckets resident (RssAnon grew 200
+    # MB with 48 MB live): a fixed threshold returns each freed bucket, so RSS measures what the sender holds
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}})
+    class Sender:
+        def __init__(self):
+            from torch import nn
+
+            torch.manual_seed(0)
+            self.model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(16)])
+            self.model.config = type("Cfg", (), {"tie_word_embeddings": False})()
+
+        def send(self, bucket_bytes):
+            import threading
+            import time
+
+            from raylign.actors.weight_sync import send_weights
+            from raylign.config import LoraConfig
+
+            class Shards:  # the Trainable surface send_weights uses, on one rank (a gather is a copy)
+                inner = self.model
+
+                def gather_params(self, select):
+                    return {n: p.detach().clone() for n, p in self.inner.named_parameters() if select(n)}
+
+            def rss():
+                with open("/proc/self/status") as f:
+                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+            base, peak, done = rss(), [0], threading.Event()
+
+            def watch():
+                while not done.is_set():
+                    peak[0] = max(peak[0], rss())
+                    time.sleep(0.002)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            sync = send_weights(Shards(), LoraConfig(), "unused", 0, bucket_bytes)
+            done.set()
+            watcher.join()
+            return sync, max(peak[0], rss()) - base
+
+        def weights(self):
+            return {n: p.detach().to(torch.bfloat16) for n, p in self.model.named_parameters()}
+
+    sender = Sender.remote()
+    bucket = 32 * 2**20
+    sync, grew = ray.get(sender.send.remote(bucket))
+    model_bf16 = 16 * 2048 * 2048 * 2
+    assert len(sync.buckets) == 8 and sync.nbytes == model_bf16
+    assert grew <= model_bf16 + 2 * bucket, f"sender grew by {grew / 2**20:.0f} MB"
+    from raylign.actors.weight_sync import read_buckets
+
+    want = ray.get(sender.weights.remote())
+    got = dict(read_buckets(sync, timeout_s=60))
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ray.kill(sender)
