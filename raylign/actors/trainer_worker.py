@@ -22,7 +22,7 @@ from contextlib import ExitStack, nullcontext
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,19 @@ from raylign.actors import trainer_checkpoint as ckpt
 from raylign.actors.lora import apply_lora, load_4bit
 from raylign.actors.train_backends import TRAIN_BACKENDS
 from raylign.actors.trainable import Trainable
+from raylign.actors.trainer_commands import (
+    READY,
+    ExportHF,
+    LoadCheckpoint,
+    Logprobs,
+    Reply,
+    SaveCheckpoint,
+    SaveWeights,
+    SendWeights,
+    Stop,
+    TrainStep,
+    Values,
+)
 from raylign.actors.trainer_math import (
     check_batch,
     loss_units,
@@ -53,71 +66,6 @@ from raylign.algorithms.registry import LOSSES
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.models import load_hf_model
 from raylign.types import TrainBatch
-
-READY = -1  # command id of the "model built" reply every rank sends once
-
-
-# ---- commands (driver -> worker) and replies (worker -> driver); small and picklable -------------------
-# A batch travels as an ObjectRef held inside the command: Ray resolves only top-level arguments of
-# Queue.put, so the ref reaches the worker unresolved and each rank fetches it from the object store.
-
-@dataclass
-class Logprobs:
-    batch_ref: Any
-    which: str = "policy"  # or "ref"
-
-
-@dataclass
-class Values:
-    batch_ref: Any
-
-
-@dataclass
-class TrainStep:
-    batch_ref: Any
-    loss_name: str
-    loss_kwargs: dict = field(default_factory=dict)
-    minibatches: int = 1
-
-
-@dataclass
-class SaveWeights:
-    path: str  # a safetensors file; with LoRA a peft adapter folder (adapter-only sync)
-
-
-@dataclass
-class SendWeights:
-    bucket_bytes: int  # gathered fp32 bytes per bucket (weight_sync.send_weights)
-
-
-@dataclass
-class SaveCheckpoint:
-    dir: str
-
-
-@dataclass
-class LoadCheckpoint:
-    dir: str
-
-
-@dataclass
-class ExportHF:
-    dir: str
-
-
-@dataclass
-class Stop:
-    pass
-
-
-@dataclass
-class Reply:
-    cmd_id: int
-    rank: int
-    ok: bool
-    value: Any = None
-    error: str = ""
-    seconds: float = 0.0  # time the handler ran on this rank
 
 
 @dataclass

@@ -21,17 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from raylign.algorithms.numerics import AggMode, KLKind, aggregate, kl_estimate, masked_mean
-
-
-def _kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens):
-    """beta * aggregated KL estimate and its unweighted token mean (0 and 0 without a reference)."""
-    if ref_logprobs_B_T is None:
-        if kl_beta != 0.0:
-            raise ValueError("kl_beta != 0 needs ref_logprobs_B_T")
-        return torch.zeros((), dtype=logprobs_B_T.dtype, device=logprobs_B_T.device), 0.0
-    kl_B_T = kl_estimate(logprobs_B_T, ref_logprobs_B_T.detach(), kl_kind)
-    return kl_beta * aggregate(kl_B_T, mask_B_T, agg, max_tokens), masked_mean(kl_B_T.detach(), mask_B_T).item()
+from raylign.algorithms.losses import kl_term
+from raylign.algorithms.numerics import AggMode, KLKind, aggregate, masked_mean
 
 
 def gspo_loss(
@@ -63,7 +54,7 @@ def gspo_loss(
     clipped_B = -torch.clamp(ratio_B, 1.0 - clip_eps, 1.0 + eps_high) * adv_B
     pg_B = torch.maximum(unclipped_B, clipped_B)
     policy_loss = (pg_B * nonempty_B).sum() / n_seq
-    kl_loss, kl_mean = _kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, "sequence", None)
+    kl_loss, kl_mean = kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, "sequence", None)
     metrics = {
         "loss/policy": policy_loss.item(),
         "loss/kl": kl_loss.item(),
@@ -101,7 +92,7 @@ def cispo_loss(
     weight_B_T = torch.clamp(ratio_B_T, 1.0 - clip_eps, 1.0 + eps_high)
     grad_log_pi_B_T = torch.exp(logprobs_B_T - logprobs_B_T.detach())  # value 1, gradient grad log pi
     policy_loss = aggregate(-weight_B_T * adv_B_T * grad_log_pi_B_T, mask_B_T, agg, max_tokens)
-    kl_loss, kl_mean = _kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens)
+    kl_loss, kl_mean = kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens)
     metrics = {
         "loss/policy": policy_loss.item(),
         "loss/kl": kl_loss.item(),

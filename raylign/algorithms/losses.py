@@ -21,6 +21,16 @@ import torch
 from raylign.algorithms.numerics import AggMode, KLKind, aggregate, kl_estimate, masked_mean, masked_sum
 
 
+def kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens):
+    """beta * aggregated KL estimate and its unweighted token mean (0 and 0 without a reference)."""
+    if ref_logprobs_B_T is None:
+        if kl_beta != 0.0:
+            raise ValueError("kl_beta != 0 needs ref_logprobs_B_T")
+        return torch.zeros((), dtype=logprobs_B_T.dtype, device=logprobs_B_T.device), 0.0
+    kl_B_T = kl_estimate(logprobs_B_T, ref_logprobs_B_T.detach(), kl_kind)
+    return kl_beta * aggregate(kl_B_T, mask_B_T, agg, max_tokens), masked_mean(kl_B_T.detach(), mask_B_T).item()
+
+
 def policy_gradient_loss(
     logprobs_B_T: torch.Tensor,
     old_logprobs_B_T: torch.Tensor,
@@ -41,8 +51,6 @@ def policy_gradient_loss(
     estimator), clip/fraction (share of valid tokens where the clip is binding, i.e. the gradient is cut),
     ratio/mean. Without a reference, loss/kl and kl/mean are 0.
     """
-    if kl_beta != 0.0 and ref_logprobs_B_T is None:
-        raise ValueError("kl_beta != 0 needs ref_logprobs_B_T")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     adv_B_T = advantages_B.unsqueeze(-1) if advantages_B.dim() == 1 else advantages_B
     adv_B_T = adv_B_T.detach().to(logprobs_B_T.dtype)
@@ -53,13 +61,7 @@ def policy_gradient_loss(
     pg_B_T = torch.maximum(unclipped_B_T, clipped_B_T)  # max of negatives = -min of the objectives
     policy_loss = aggregate(pg_B_T, mask_B_T, agg, max_tokens)
 
-    if ref_logprobs_B_T is not None:
-        kl_B_T = kl_estimate(logprobs_B_T, ref_logprobs_B_T.detach(), kl_kind)
-        kl_loss = kl_beta * aggregate(kl_B_T, mask_B_T, agg, max_tokens)
-        kl_mean = masked_mean(kl_B_T.detach(), mask_B_T).item()
-    else:
-        kl_loss = torch.zeros((), dtype=policy_loss.dtype, device=policy_loss.device)
-        kl_mean = 0.0
+    kl_loss, kl_mean = kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens)
 
     metrics = {
         "loss/policy": policy_loss.item(),

@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from raylign.actors.trainer_math import merge_step_metrics
-from raylign.actors.trainer_worker import (
+from raylign.actors.trainer_commands import (
     READY,
     ExportHF,
     LoadCheckpoint,
@@ -41,9 +41,8 @@ from raylign.actors.trainer_worker import (
     Stop,
     TrainStep,
     Values,
-    WorkerSpec,
-    train_loop_per_worker,
 )
+from raylign.actors.trainer_worker import WorkerSpec, train_loop_per_worker
 from raylign.actors.weight_sync import WeightBuckets
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.types import TrainBatch
