@@ -84,7 +84,7 @@ def mc_states(prompt_ids_B: list[list[int]], completion_ids_B: list[list[int]],
     state_B: list[list[int]] = []
     for prompt, completion, ends in zip(prompt_ids_B, completion_ids_B, boundaries_B, strict=True):
         row = []
-        for start in _starts(ends):
+        for start in step_starts(ends):
             prefix = list(prompt) + list(completion[:start])
             s = index.setdefault(tuple(prefix), len(prefixes_S))
             if s == len(prefixes_S):
@@ -113,12 +113,13 @@ def step_advantages(values_B: list[list[float]], rewards_B: torch.Tensor, bounda
         if not ends:
             continue  # an empty response: no tokens, no steps
         next_values = list(values[1:]) + [float(rewards_B[i])]
-        for start, end, v, v_next in zip(_starts(ends), ends, values, next_values, strict=True):
+        for start, end, v, v_next in zip(step_starts(ends), ends, values, next_values, strict=True):
             adv_B_T[i, start:end] = v_next - v
     return adv_B_T
 
 
-def _starts(ends: list[int]) -> list[int]:
+def step_starts(ends: list[int]) -> list[int]:
+    """Token index where each step starts, from the step ends (0 first; [] for an empty response)."""
     return [0] + list(ends[:-1]) if ends else []
 
 
@@ -135,7 +136,7 @@ def mc_rewards(cluster: Cluster, problem_B: list[Problem], prefixes_S, state_B, 
                                                           "mc/calls": 0.0, "tokens/mc_rollouts": 0.0}
     origin_S: dict[int, tuple[int, int]] = {}  # state -> (a sequence reaching it, its response length there)
     for i, row in enumerate(state_B):
-        for s, start in zip(row, _starts(boundaries_B[i])):
+        for s, start in zip(row, step_starts(boundaries_B[i])):
             origin_S.setdefault(s, (i, start))
     conts_S_K = cluster.continue_from(prefixes_S, n=K, temperature=temperature, max_new_tokens=max_new_tokens)
     # the env scores the whole response: the partial response up to the boundary, then the continuation
