@@ -227,6 +227,26 @@ def resolve_model(cfg: ModelConfig) -> str:
                      "a local folder or a hub id 'org/name'")
 
 
+def model_on_this_node(cfg: ModelConfig, driver_path: str) -> str:
+    """The model folder on the node this process runs on (actors and Ray Train workers call it first).
+
+    The driver resolved ``model.name`` to ``driver_path`` on its own node; another node may have no such folder
+    (the built-in models are built into each node's cache, hub ids downloaded there). So built-in names and hub
+    ids are resolved again here, into this node's cache (when it already holds them: one marker read). A local
+    folder is used where the driver found it and must be at that path on every node (shared storage).
+    """
+    local = Path(cfg.name).expanduser()
+    if cfg.name in BUILTIN_MODELS or (_HUB_ID.match(cfg.name) and not local.exists()):
+        return resolve_model(cfg)
+    if not (Path(driver_path) / "config.json").is_file():
+        import socket
+
+        raise ModelError(f"model.name '{cfg.name}': no model folder at {driver_path} on node {socket.gethostname()}; "
+                         "on several machines a local model folder must be on shared storage (or at that path on "
+                         "every node)")
+    return driver_path
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

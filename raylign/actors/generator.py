@@ -23,6 +23,7 @@ from raylign.actors.lora import write_adapter
 from raylign.actors.weight_sync import WeightBuckets, read_buckets
 from raylign.chat import encode_chat
 from raylign.config import GeneratorConfig, ModelConfig
+from raylign.models import model_on_this_node
 from raylign.types import Completion, SamplingSpec
 
 Prompt = list[int] | list[dict[str, str]]  # token ids, or chat messages rendered with the model's template
@@ -42,6 +43,7 @@ class GeneratorActor:
         self.version = 0
         self.hang_s = 0.0
         self.corrupt_next_sync = False
+        model_path = model_on_this_node(model_cfg, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         self.backend = GENERATORS[gen_cfg.backend](model_path, model_cfg, gen_cfg, lora_rank=lora_rank)
 

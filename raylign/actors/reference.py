@@ -29,11 +29,12 @@ class ReferenceActor:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig):
         import torch
 
-        from raylign.models import load_hf_model
+        from raylign.models import load_hf_model, model_on_this_node
 
         # Ray pins threads to the actor's logical CPUs; reference log-probs run while the trainer waits.
         torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        model_path = model_on_this_node(model_cfg, model_path)
         self.model = load_hf_model(model_path, "bfloat16" if cfg.bf16 else "float32",  # as the trainer computes
                                    model_cfg.trust_remote_code).to(self.device)
         self.model.eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from contextlib import ExitStack, nullcontext
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,7 @@ from raylign.actors.value_head import VALUE_HEAD, attach_value_head, take_values
 from raylign.actors.weight_sync import WeightBuckets, send_weights
 from raylign.algorithms.registry import LOSSES
 from raylign.config import ModelConfig, TrainerConfig
-from raylign.models import load_hf_model
+from raylign.models import load_hf_model, model_on_this_node
 from raylign.types import TrainBatch
 
 
@@ -89,6 +89,7 @@ def _device(cfg: TrainerConfig) -> torch.device:
 
 class TrainerWorker:
     def __init__(self, spec: WorkerSpec, rank: int, world: int):
+        spec = replace(spec, model_path=model_on_this_node(spec.model_cfg, spec.model_path))
         self.spec, self.cfg, self.rank, self.world = spec, spec.cfg, rank, world
         # Ray pins OMP/torch threads to the worker's logical CPUs (often 1); training runs while the generators
         # idle (synchronous mode), so the workers may use every core between them.

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import ray
 
-from raylign.config import Config, GeneratorConfig
+from raylign.config import Config, GeneratorConfig, ModelConfig
 from raylign.models import resolve_model
 from raylign.orchestrator.generator_pool import GeneratorPool
 
 
 @ray.remote(num_cpus=0)
 class LMService:
-    def __init__(self, model_path: str, cfg: Config, gen_cfg: GeneratorConfig):
-        model_cfg = cfg.model.model_copy(update={"name": model_path})
+    def __init__(self, model_cfg: ModelConfig, model_path: str, cfg: Config, gen_cfg: GeneratorConfig):
         self.pool = GeneratorPool(model_path, model_cfg, gen_cfg, cfg.fault)
         self.calls = self.requests = self.tokens = 0
 
@@ -45,16 +44,16 @@ def start_services(cfg: Config) -> dict[str, ray.actor.ActorHandle]:
     services: dict[str, ray.actor.ActorHandle] = {}
     gen = cfg.generator.model_copy(update={"n": 1, "temperature": 0.0})
     if cfg.env.name == "dspy":
-        path = resolve_model(cfg.model.model_copy(update={"name": cfg.dspy.task_model}))
-        services["task"] = LMService.remote(path, cfg, gen.model_copy(update={
+        task = cfg.model.model_copy(update={"name": cfg.dspy.task_model})
+        services["task"] = LMService.remote(task, resolve_model(task), cfg, gen.model_copy(update={
             "num_replicas": cfg.dspy.num_replicas, "max_new_tokens": cfg.dspy.max_new_tokens}))
     judge = cfg.reward.judge.model
     if judge is not None:
         if "task" in services and judge == cfg.dspy.task_model:
             services["judge"] = services["task"]
         else:
-            path = resolve_model(cfg.model.model_copy(update={"name": judge}))
-            services["judge"] = LMService.remote(path, cfg, gen.model_copy(update={
+            judge_cfg = cfg.model.model_copy(update={"name": judge})
+            services["judge"] = LMService.remote(judge_cfg, resolve_model(judge_cfg), cfg, gen.model_copy(update={
                 "num_replicas": cfg.reward.judge.num_replicas, "max_new_tokens": cfg.reward.judge.max_new_tokens}))
     ray.get([s.counters.remote() for s in unique(services)])  # up (models loaded) before anything scores
     return services

@@ -118,11 +118,11 @@ class RayCluster:
     def _start_judge(self) -> None:
         """The judge: a frozen model (``algorithm.judge_model``, default the policy's) on one generator actor
         of its own, never synced, answering greedily."""
-        name = self.cfg.algorithm.judge_model or self.cfg.model.name
-        path = resolve_model(self.cfg.model.model_copy(update={"name": name}))
+        judge_cfg = self.cfg.model.model_copy(update={"name": self.cfg.algorithm.judge_model or self.cfg.model.name})
+        path = resolve_model(judge_cfg)
         if path != self.model_path:
             self.judge_tokenizer = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
-        self.judge_pool = GeneratorPool(path, self.cfg.model, self.cfg.generator.model_copy(update={"num_replicas": 1}),
+        self.judge_pool = GeneratorPool(path, judge_cfg, self.cfg.generator.model_copy(update={"num_replicas": 1}),
                                         self.cfg.fault)
 
     def judge(self, requests: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:

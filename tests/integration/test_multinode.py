@@ -2,7 +2,8 @@
 `ray start --address` workers (B: node_b, C: node_c), each a raylet with its own temp dir and node id.
 `raylign train` attaches to it with relative paths; the trainer is pinned to A, the vLLM generator to B and
 the reward actors to C. With weight_transport=auto the replica on B gets its weights over Ray, never by a
-file written on A, and the canary confirms it serves the trainer's log-probs."""
+file written on A, and the canary confirms it serves the trainer's log-probs. Node B has a model cache of its
+own (RAYLIGN_CACHE_DIR), as a second machine would: its generator builds the model there itself."""
 
 import json
 import os
@@ -18,14 +19,16 @@ from tests.integration.helpers import CLI_GRPO, PRESET, free_port, start_ray_nod
 
 
 @pytest.fixture(scope="module")
-def three_nodes():
+def three_nodes(tmp_path_factory):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # workers and drivers present the token
     env.pop("RAY_ADDRESS", None)
     gcs = free_port()
     nodes = [start_ray_node(env, num_cpus=4, resources={"node_a": 1}, gcs_port=gcs, dashboard_port=free_port())]
     time.sleep(8)  # the head's GCS must be up before workers join
-    nodes += [start_ray_node(env, head_port=gcs, num_cpus=3, resources={name: 1}) for name in ("node_b", "node_c")]
+    cache_b = tmp_path_factory.mktemp("node_b_cache")
+    nodes += [start_ray_node({**env, "RAYLIGN_CACHE_DIR": str(cache_b)} if name == "node_b" else env, head_port=gcs,
+                             num_cpus=3, resources={name: 1}) for name in ("node_b", "node_c")]
     probe = "import ray; ray.init(address='127.0.0.1:%d'); print(len([n for n in ray.nodes() if n['Alive']]))" % gcs
     deadline = time.time() + 120
     while True:
@@ -35,7 +38,7 @@ def three_nodes():
         time.sleep(3)
     try:
         assert out.stdout.strip().endswith("3"), out.stdout + out.stderr[-2000:]
-        yield {"address": f"127.0.0.1:{gcs}", "env": env}
+        yield {"address": f"127.0.0.1:{gcs}", "env": env, "cache_b": cache_b}
     finally:
         for proc, temp_dir in reversed(nodes):
             stop_ray_node(proc, temp_dir)
@@ -55,6 +58,8 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     assert layout["replicas"][0]["node"] != layout["trainer_node"]
     assert "replica 0 on node" in proc.stdout and "by ray" in proc.stdout
     assert summary["policy_version"] == 2 and (tmp_path / "runs/mn/final_model/model.safetensors").is_file()
+    # the generator on B resolved tiny-random-llama on its own node, not through the driver's cache path
+    assert (three_nodes["cache_b"] / "tiny-random-llama-v1" / "raylign_model.json").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = summary["mlflow_run_id"]
     assert [m.value for m in client.get_metric_history(run_id, "sync/replicas_ray")] == [1.0, 1.0]

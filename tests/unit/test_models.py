@@ -15,7 +15,15 @@ from safetensors import safe_open
 
 from raylign import models
 from raylign.config import ModelConfig
-from raylign.models import MARKER, ModelError, cache_root, load_hf_model, load_tokenizer, resolve_model
+from raylign.models import (
+    MARKER,
+    ModelError,
+    cache_root,
+    load_hf_model,
+    load_tokenizer,
+    model_on_this_node,
+    resolve_model,
+)
 
 QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -162,6 +170,18 @@ def test_local_folder(tmp_path, tiny, monkeypatch):
         resolve_model(ModelConfig(name=str(tmp_path / "empty")))
     with pytest.raises(ModelError, match="no such folder"):
         resolve_model(ModelConfig(name=str(tmp_path / "missing")))
+
+
+def test_each_node_resolves_builtin_models_into_its_own_cache(tmp_path, tiny, cache, monkeypatch):
+    # the driver built tiny-random-llama under `cache`; a node whose RAYLIGN_CACHE_DIR is elsewhere builds its own
+    monkeypatch.setenv("RAYLIGN_CACHE_DIR", str(tmp_path / "node-b"))
+    here = model_on_this_node(ModelConfig(name="tiny-random-llama"), str(tiny))
+    assert Path(here).parent == tmp_path / "node-b" and (Path(here) / MARKER).is_file()
+    assert _sha256(Path(here) / "model.safetensors") == _sha256(tiny / "model.safetensors")
+    # a local folder is used where the driver found it; where this node lacks it, the error says what to do
+    assert model_on_this_node(ModelConfig(name=str(tiny)), str(tiny)) == str(tiny)
+    with pytest.raises(ModelError, match=r"model.name '/shared/sft': no model folder at /shared/sft on node .*shared storage"):
+        model_on_this_node(ModelConfig(name="/shared/sft"), "/shared/sft")
 
 
 def test_unknown_name_lists_builtins():
