@@ -31,10 +31,10 @@ demo: setup
 	$(BIN)/raylign train configs/grpo_arith.yaml output_dir=runs/demo
 
 # Two xdist workers: the integration tests spend much of their time waiting on Ray and actor start-up, so two
-# fit on two cores (tests/conftest.py groups them by file, longest first). TEST_WORKERS=0 runs them in one process.
+# fit on two cores (tests/conftest.py schedules them by file, longest first). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 test: setup chromium
-	$(BIN)/python -m pytest tests -q -rs --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	$(BIN)/python -m pytest tests -q -rs --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 # The report's browser test needs headless Chromium: installed through apt when missing (a machine without apt
 # skips that test and says why).
