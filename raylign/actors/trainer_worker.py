@@ -77,6 +77,7 @@ class WorkerSpec:
     total_steps: int | None
     critic: str | None = None  # PPO: "value_head" (on the policy backbone) or "separate" (its own model)
     reference: bool = False  # the algorithm needs a frozen reference and trainer.ref_model is "trainer"
+    shared_probe: tuple[str, str] | None = None  # (file, text) the driver wrote in output_dir: can this rank read it?
 
 
 def _device(cfg: TrainerConfig) -> torch.device:
@@ -324,6 +325,16 @@ class TrainerWorker:
         return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
 
 
+def _reads(probe: tuple[str, str] | None) -> bool:
+    """Whether this node sees the driver's file with the driver's text (None: nothing to check)."""
+    if probe is None:
+        return True
+    try:
+        return open(probe[0]).read() == probe[1]
+    except OSError:
+        return False
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: build, say READY, then serve commands until Stop."""
     ctx = ray.train.get_context()
@@ -338,6 +349,7 @@ def train_loop_per_worker(config: dict) -> None:
         # pid: for tests and the chaos benchmark; actor: so the driver can kill a wedged group (TrainerGroup.abort)
         replies.put(Reply(READY, rank, True, {"packed_row_tokens": worker.row_tokens, "pid": os.getpid(),
                                               "node_id": ray.get_runtime_context().get_node_id(),
+                                              "sees_shared_dir": _reads(config["spec"].shared_probe),
                                               "actor": ray.get_runtime_context().current_actor}))
         while True:
             cmd_id, cmd = commands.get()

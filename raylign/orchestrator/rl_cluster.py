@@ -113,7 +113,7 @@ class RayCluster:
                             total_steps=optimizer_steps, critic=self.critic,
                             # with LoRA the reference is the policy with its adapter off, in the trainer
                             reference=self.needs_reference and (cfg.trainer.ref_model == "trainer" or cfg.trainer.lora.enabled),
-                            command_timeout_s=cfg.fault.trainer_timeout_s)
+                            command_timeout_s=cfg.fault.trainer_timeout_s, shared_dir=cfg.output_dir)
 
     def _start_judge(self) -> None:
         """The judge: a frozen model (``algorithm.judge_model``, default the policy's) on one generator actor

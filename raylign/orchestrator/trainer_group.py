@@ -16,6 +16,7 @@ the workers, which destroy their process group, and joins the fit thread.
 from __future__ import annotations
 
 import itertools
+import os
 import queue as std_queue
 import threading
 import time
@@ -59,16 +60,28 @@ class TrainerGroupError(RuntimeError):
     """The workers are gone or stuck; the group cannot serve more commands."""
 
 
+def write_probe(folder: str) -> tuple[str, str]:
+    """A file with a fresh random text in ``folder``, for the workers to read back (``shared_dir``)."""
+    os.makedirs(folder, exist_ok=True)
+    path, text = os.path.join(folder, ".raylign-shared-probe"), uuid.uuid4().hex
+    with open(path, "w") as f:
+        f.write(text)
+    return path, text
+
+
 class TrainerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig, seed: int, storage_dir: str,
                  total_steps: int | None = None, command_timeout_s: float | None = None, critic: str | None = None,
-                 reference: bool = False):
+                 reference: bool = False, shared_dir: str | None = None):
         """Start the workers and wait until each has built its model (raises if one fails to).
 
         critic: None, or "value_head" / "separate" to build a PPO critic beside the policy.
         reference: load a frozen bf16 reference copy into every worker (for ``logprobs(which="ref")``).
         total_steps: optimizer steps of the whole run; needed by the cosine/linear LR schedules.
         command_timeout_s: give up on a command after this long (None: wait while the workers live).
+        shared_dir: the run's output_dir, where the workers write checkpoints and the final model and the driver
+            writes beside them: every rank must see the driver's files there (one folder on every node), checked
+            before any step.
         """
         if cfg.lr_schedule != "constant" and total_steps is None:
             raise ValueError(f"trainer.lr_schedule={cfg.lr_schedule!r} needs total_steps")
@@ -84,7 +97,8 @@ class TrainerGroup:
         # Queues are tiny actors; 0 CPUs so they never compete with the workers for logical CPUs.
         self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.world)]
         self._replies = Queue(actor_options={"num_cpus": 0})
-        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps, critic, reference)
+        probe = write_probe(shared_dir) if shared_dir else None
+        spec = WorkerSpec(model_path, model_cfg, cfg, seed, total_steps, critic, reference, probe)
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},
@@ -105,6 +119,15 @@ class TrainerGroup:
             self.worker_pids = [r["pid"] for r in ready]
             self.node_id = ready[0]["node_id"]  # rank 0's: where save_weights writes and send_weights puts
             self._worker_actors = [r["actor"] for r in ready]
+            blind = [rank for rank, r in enumerate(ready) if not r["sees_shared_dir"]]
+            if blind:
+                raise TrainerGroupError(
+                    f"output_dir {shared_dir}: trainer rank {blind[0]} (node {ready[blind[0]]['node_id'][:12]}) "
+                    "cannot read the files the driver writes there, so checkpoints and the final model would be "
+                    "split across machines; put output_dir on storage every node mounts at the same path (NFS), "
+                    "or pin the trainer to the driver's node (trainer.resources_per_worker)")
+            if probe:
+                os.remove(probe[0])
             # The first command pays one-off costs (FSDP lazy init, first object fetch, queue paths: ~3-6 s);
             # pay them here so start_s holds them and step timings do not.
             self.logprobs(TrainBatch([[0]], [[0]], [[1]]))

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from raylign.actors.trainer_math import lr_multiplier
 from raylign.config import ModelConfig, TrainerConfig
 from raylign.models import load_hf_model
-from raylign.orchestrator.trainer_group import TrainerCommandError, TrainerGroup
+from raylign.orchestrator import trainer_group
+from raylign.orchestrator.trainer_group import TrainerCommandError, TrainerGroup, TrainerGroupError
 from raylign.types import TrainBatch
 
 # bf16 forward in the workers (FSDP2 bf16 params) vs an in-process bf16 HF forward, both rounding the
@@ -238,8 +239,9 @@ def test_ddp_group_trains_resumes_exactly_and_loads_an_fsdp2_checkpoint(group, t
     started = time.monotonic()
     cfg = TrainerConfig(backend="ddp", **CFG)
     with TrainerGroup(tiny_model, ModelConfig(name=tiny_model), cfg, seed=0, storage_dir=str(tmp_path / "rt"),
-                      total_steps=TOTAL_STEPS) as ddp:
+                      total_steps=TOTAL_STEPS, shared_dir=str(tmp_path / "out")) as ddp:
         print(f"\nddp group start: {time.monotonic() - started:.1f}s")
+        assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())  # probe read and removed
         batch = make_batch(seed=4)
         # fp32 weights under bf16 autocast: close to, not equal to, a bf16-weight forward
         assert max_diff(ddp.logprobs(batch), hf_logprobs(load_hf_model(tiny_model, "float32"), batch)) < BF16_ATOL
@@ -262,3 +264,13 @@ def test_ddp_group_trains_resumes_exactly_and_loads_an_fsdp2_checkpoint(group, t
         assert after["train/optimizer_steps"] == steps + 1
         assert after["train/lr"] == pytest.approx(5e-3 * lr_multiplier(steps, "linear", 2, TOTAL_STEPS))
     assert not ddp._thread.is_alive() and ddp._fit_error is None
+
+
+def test_a_rank_that_cannot_read_the_drivers_output_dir_stops_the_start(ray_session, tiny_model, tmp_path,
+                                                                         monkeypatch):
+    # what a second machine without shared storage sees: the driver's probe file is not there
+    monkeypatch.setattr(trainer_group, "write_probe", lambda folder: (str(tmp_path / "not-on-this-node"), "x"))
+    with pytest.raises(TrainerGroupError, match=r"output_dir .*/out: trainer rank 0 \(node \w+\) cannot read the "
+                                                r"files the driver writes there.*NFS"):
+        TrainerGroup(tiny_model, ModelConfig(name=tiny_model), TrainerConfig(backend="fsdp2", **{**CFG, "num_workers": 1}),
+                     seed=0, storage_dir=str(tmp_path / "rt"), total_steps=TOTAL_STEPS, shared_dir=str(tmp_path / "out"))
