@@ -83,7 +83,7 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
-    logprobs: list[float]
+    logprobs: list[float]  # of each token under the distribution it was sampled from (tempered; greedy: raw)
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     policy_version: int = 0
     replica: int = 0

@@ -18,10 +18,10 @@ from raylign.types import SamplingSpec
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-def teacher_forced_logprobs(model, prompt_ids, token_ids):
+def teacher_forced_logprobs(model, prompt_ids, token_ids, temperature=1.0):
     ids = torch.tensor([prompt_ids + token_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1)
 
 
@@ -62,6 +62,20 @@ def test_generate_shapes_and_logprobs(actor, tiny_model):
             assert c.policy_version == 0
     # Sampled continuations differ; the random model near-uniform over 49k tokens makes a tie impossible.
     assert len({tuple(c.token_ids) for c in groups[0]}) == 3
+
+
+def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(actor, tiny_model):
+    """What the trainer computes at the batch's temperature, so KL-in-reward and importance ratios compare like
+    with like (vLLM: processed_logprobs; raw log-probs would differ by several nats here)."""
+    _, handle = actor
+    prompt_ids = encode_chat(load_tokenizer(tiny_model), MESSAGES)
+    [[c]] = ray.get(handle.generate.remote([prompt_ids], SamplingSpec(temperature=0.25, n=1, max_new_tokens=8)))
+    model = load_hf_model(tiny_model, "float32")
+    got = torch.tensor(c.logprobs)
+    tempered = (got - teacher_forced_logprobs(model, prompt_ids, c.token_ids, temperature=0.25)).abs().mean().item()
+    raw = (got - teacher_forced_logprobs(model, prompt_ids, c.token_ids)).abs().mean().item()
+    print(f"mean |error|: tempered {tempered:.4f}, raw {raw:.4f}")
+    assert tempered < 0.1 and raw > 5 * tempered
 
 
 def test_greedy_is_deterministic_and_matches_transformers(actor, tiny_model):

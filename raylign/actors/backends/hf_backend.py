@@ -54,8 +54,9 @@ class HFBackend:
             stop_strings=list(spec.stop) or None, tokenizer=self.tokenizer if spec.stop else None, **sampling,
         )
         new_B_N = out.sequences[:, width:]
-        # Raw (untempered) logprobs of the chosen tokens, matching vLLM's default raw_logprobs mode.
-        logits_B_N_V = torch.stack(out.logits, dim=1).float()
+        # Log-probs of the sampled distribution (tempered; greedy: raw), as vLLM's processed_logprobs mode gives
+        # them (top_p < 1 is not renormalised here).
+        logits_B_N_V = torch.stack(out.logits, dim=1).float() / (spec.temperature if spec.temperature > 0 else 1.0)
         logprobs_B_N = torch.log_softmax(logits_B_N_V, -1).gather(-1, new_B_N.unsqueeze(-1)).squeeze(-1)
         return [self._completion(ids, new_B_N[i].tolist(), logprobs_B_N[i].tolist(), spec) for i, ids in enumerate(batch)]
 

@@ -63,6 +63,9 @@ class VLLMBackend:
             kv_cache_memory_bytes=int(gen_cfg.kv_cache_gb * 2**30),
             worker_extension_cls="raylign.actors.backends.vllm_ext.WeightReloadExtension",
             enforce_eager=True,
+            # log-probs of the distribution sampled from (temperature and top_p applied; greedy: the raw ones), as
+            # the trainer computes them at the batch's temperature: the KL-in-reward and TIS ratios compare them
+            logprobs_mode="processed_logprobs",
             **lora,
         )
 
