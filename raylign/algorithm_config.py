@@ -36,6 +36,7 @@ class _PolicyGradient(_Sampling):
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1/k2/k3)")
     epochs: int = Field(1, ge=1, description="passes over each batch (more than 1 makes the ratio clip matter)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling: weight each token by min(pi_trainer / pi_generator, tis_cap) (the generator's kernels, and async its older weights, differ from the trainer's); None: off")
 
 
 class _CriticFree(_PolicyGradient):
@@ -53,6 +54,8 @@ class _CriticFree(_PolicyGradient):
     def _check_variants(self):
         if self.policy_loss == "gspo" and "loss_agg" in self.model_fields_set and self.loss_agg != "sequence":
             raise ValueError(f"policy_loss=gspo averages over sequences; loss_agg={self.loss_agg!r} does not apply")
+        if self.tis_cap is not None and self.policy_loss != "clip":
+            raise ValueError(f"tis_cap weights the clipped surrogate; policy_loss={self.policy_loss!r} has its own ratio")
         if self.dynamic_sampling and self.group_size < 2:
             raise ValueError("dynamic_sampling needs group_size >= 2 (a group of one is always tied)")
         return self

@@ -12,6 +12,10 @@ Value loss: PPO2's clipped value objective 0.5 max((V - R)^2, (V_clip - R)^2) (a
 PPO (eq. 9): ``ppo_loss`` = clipped policy loss + vf_coef * value loss - entropy_coef * entropy, entropy
 aggregated like the policy term; the value term is always a token mean (PPO2 / TRL), whatever ``agg`` says.
 "KL in the reward" (InstructGPT, Ouyang et al. 2022 eq. 2) is ``kl_penalized_rewards``: r - beta sum_t KL_t.
+Truncated importance sampling (``tis_cap``; Yao et al. 2025, "Your efficient RL framework secretly brings you
+off-policy RL training"): the generator sampled from its own kernels (vLLM's bf16 differs from the trainer's),
+and asynchronously from older weights; each token's term is weighted by w_t = min(pi_old(o_t) / pi_gen(o_t), C),
+detached, where pi_old is the trainer's (the proximal policy the clip works with) and pi_gen the generator's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,21 @@ def kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max
     return kl_beta * aggregate(kl_B_T, mask_B_T, agg, max_tokens), masked_mean(kl_B_T.detach(), mask_B_T).item()
 
 
+@torch.no_grad()
+def tis_weights(old_logprobs_B_T: torch.Tensor, gen_logprobs_B_T: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(pi_old / pi_gen, cap) per token (detached)."""
+    return torch.exp(old_logprobs_B_T - gen_logprobs_B_T).clamp(max=cap)
+
+
+def tis_metrics(old_logprobs_B_T, gen_logprobs_B_T, mask_B_T, cap: float) -> dict[str, float]:
+    """The untruncated ratio's mean and max over the loss tokens, and the share the cap binds."""
+    ratio_B_T = torch.exp(old_logprobs_B_T.detach() - gen_logprobs_B_T)
+    on = mask_B_T > 0
+    return {"tis/ratio_mean": masked_mean(ratio_B_T, mask_B_T).item(),
+            "tis/ratio_max": ratio_B_T[on].max().item() if on.any() else 1.0,
+            "tis/capped_fraction": masked_mean((ratio_B_T > cap).to(ratio_B_T.dtype), mask_B_T).item()}
+
+
 def policy_gradient_loss(
     logprobs_B_T: torch.Tensor,
     old_logprobs_B_T: torch.Tensor,
@@ -43,13 +62,16 @@ def policy_gradient_loss(
     kl_beta: float = 0.0,
     kl_kind: KLKind = "k3",
     max_tokens: int | None = None,
+    gen_logprobs_B_T: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss (+ optional KL to the reference). advantages_B may also be (B, T).
 
     max_tokens is the constant for agg="fixed" (see ``aggregate``). Metrics: loss/policy and loss/kl
     (the two terms of the returned loss; loss/kl includes beta), kl/mean (unweighted token-mean of the
     estimator), clip/fraction (share of valid tokens where the clip is binding, i.e. the gradient is cut),
-    ratio/mean. Without a reference, loss/kl and kl/mean are 0.
+    ratio/mean. Without a reference, loss/kl and kl/mean are 0. With ``tis_cap`` (and the generator's
+    ``gen_logprobs_B_T``) each token's term is weighted by ``tis_weights`` and ``tis_metrics`` are added.
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     adv_B_T = advantages_B.unsqueeze(-1) if advantages_B.dim() == 1 else advantages_B
@@ -59,6 +81,10 @@ def policy_gradient_loss(
     unclipped_B_T = -ratio_B_T * adv_B_T
     clipped_B_T = -torch.clamp(ratio_B_T, 1.0 - clip_eps, 1.0 + eps_high) * adv_B_T
     pg_B_T = torch.maximum(unclipped_B_T, clipped_B_T)  # max of negatives = -min of the objectives
+    if tis_cap is not None:
+        if gen_logprobs_B_T is None:
+            raise ValueError("tis_cap needs gen_logprobs_B_T (the generator's log-probs)")
+        pg_B_T = pg_B_T * tis_weights(old_logprobs_B_T.detach(), gen_logprobs_B_T, tis_cap).to(pg_B_T.dtype)
     policy_loss = aggregate(pg_B_T, mask_B_T, agg, max_tokens)
 
     kl_loss, kl_mean = kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens)
@@ -70,6 +96,8 @@ def policy_gradient_loss(
         "clip/fraction": masked_mean((clipped_B_T > unclipped_B_T).to(pg_B_T.dtype), mask_B_T).item(),
         "ratio/mean": masked_mean(ratio_B_T.detach(), mask_B_T).item(),
     }
+    if tis_cap is not None:
+        metrics.update(tis_metrics(old_logprobs_B_T, gen_logprobs_B_T, mask_B_T, tis_cap))
     return policy_loss + kl_loss, metrics
 
 
@@ -121,6 +149,8 @@ def ppo_loss(
     kl_beta: float = 0.0,
     kl_kind: KLKind = "k3",
     max_tokens: int | None = None,
+    gen_logprobs_B_T: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO with a critic: loss/policy + loss/kl + vf_coef * loss/value - entropy_coef * loss/entropy.
 
@@ -131,7 +161,7 @@ def ppo_loss(
         logprobs_B_T=logprobs_B_T, entropy_B_T=entropy_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
         old_logprobs_B_T=old_logprobs_B_T, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         entropy_coef=entropy_coef, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T, kl_beta=kl_beta, kl_kind=kl_kind,
-        max_tokens=max_tokens)
+        max_tokens=max_tokens, gen_logprobs_B_T=gen_logprobs_B_T, tis_cap=tis_cap)
     value, value_metrics = value_loss(values_B_T, old_values_B_T, returns_B_T, mask_B_T, vf_clip)
     return policy + vf_coef * value, {**metrics, **value_metrics}
 
@@ -150,6 +180,8 @@ def policy_entropy_loss(
     kl_beta: float = 0.0,
     kl_kind: KLKind = "k3",
     max_tokens: int | None = None,
+    gen_logprobs_B_T: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Critic-free clipped policy loss with an entropy bonus (VinePPO with entropy_coef > 0).
 
@@ -159,7 +191,7 @@ def policy_entropy_loss(
     policy, metrics = policy_gradient_loss(
         logprobs_B_T=logprobs_B_T, old_logprobs_B_T=old_B_T, advantages_B=advantages_B, mask_B_T=mask_B_T,
         clip_eps=clip_eps, clip_eps_high=clip_eps_high, agg=agg, ref_logprobs_B_T=ref_logprobs_B_T,
-        kl_beta=kl_beta, kl_kind=kl_kind, max_tokens=max_tokens)
+        kl_beta=kl_beta, kl_kind=kl_kind, max_tokens=max_tokens, gen_logprobs_B_T=gen_logprobs_B_T, tis_cap=tis_cap)
     entropy = entropy_bonus(entropy_B_T, mask_B_T, agg, max_tokens)
     metrics["loss/entropy"] = entropy.item()
     return policy - entropy_coef * entropy, metrics

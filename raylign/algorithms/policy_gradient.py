@@ -24,7 +24,7 @@ from raylign.algorithms.advantages import (ema_baseline_advantages, group_advant
                                            rloo_advantages)
 from raylign.algorithms.dapo import mask_truncated, sample_groups
 from raylign.algorithms.losses import kl_penalized_rewards
-from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
+from raylign.algorithms.protocol import Cluster, StepOutput, add_tis, completions_batch
 from raylign.types import Completion, Problem, Score
 
 
@@ -79,6 +79,7 @@ def policy_gradient_step(cluster: Cluster, problems: list[Problem], cfg, state: 
     if cfg.epochs > 1 or cfg.minibatches > 1:
         batch.fields["old_logprobs_B_T"] = cluster.logprobs(batch)
         loss_name = POLICY_LOSSES[cfg.policy_loss][1]
+    add_tis(batch, groups, loss_kwargs, cfg.tis_cap)
     for _ in range(cfg.epochs):
         metrics.update(cluster.train_step(batch, loss_name, loss_kwargs, cfg.minibatches))
     metrics.update(cluster.sync_weights())

@@ -23,7 +23,7 @@ import torch
 from raylign.algorithms.advantages import gae
 from raylign.algorithms.numerics import kl_estimate, masked_mean, masked_whiten
 from raylign.algorithms.policy_gradient import rollout_metrics, rollout_output
-from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
+from raylign.algorithms.protocol import Cluster, StepOutput, add_tis, completions_batch
 from raylign.types import Completion, Problem, Score
 
 
@@ -59,6 +59,7 @@ def ppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) -> Ste
     loss_kwargs = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, vf_coef=cfg.vf_coef,
                        vf_clip=cfg.vf_clip, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
                        max_tokens=cluster.max_new_tokens)
+    add_tis(batch, groups, loss_kwargs, cfg.tis_cap)
     for _ in range(cfg.epochs):
         metrics.update(cluster.train_step(batch, "ppo", loss_kwargs, cfg.minibatches))
     metrics.update(cluster.sync_weights())

@@ -122,14 +122,18 @@ def policy_gradient_on_policy_loss(logprobs_B_T, **kwargs):
 
 _PG_KWARGS = frozenset({"clip_eps", "clip_eps_high", "agg", "kl_beta", "kl_kind", "max_tokens"})
 _REF = frozenset({"ref_logprobs_B_T"})
+# the clipped-surrogate losses take truncated importance sampling: the generator's log-probs and the cap
+_CLIP_FIELDS, _CLIP_KWARGS = _REF | {"gen_logprobs_B_T"}, _PG_KWARGS | {"tis_cap"}
 
 LOSSES: dict[str, Loss] = {
-    "policy_gradient": Loss(policy_gradient_loss, frozenset({"advantages_B", "old_logprobs_B_T"}), _REF, _PG_KWARGS),
-    "policy_gradient_on_policy": Loss(policy_gradient_on_policy_loss, frozenset({"advantages_B"}), _REF, _PG_KWARGS),
-    "policy_entropy": Loss(policy_entropy_loss, frozenset({"advantages_B"}), _REF | {"old_logprobs_B_T"},
-                           _PG_KWARGS | {"entropy_coef"}, frozenset({"entropy_B_T"})),
-    "ppo": Loss(ppo_loss, frozenset({"advantages_B", "old_logprobs_B_T", "old_values_B_T", "returns_B_T"}), _REF,
-                _PG_KWARGS | {"vf_coef", "vf_clip", "entropy_coef"}, frozenset({"values_B_T", "entropy_B_T"})),
+    "policy_gradient": Loss(policy_gradient_loss, frozenset({"advantages_B", "old_logprobs_B_T"}), _CLIP_FIELDS,
+                            _CLIP_KWARGS),
+    "policy_gradient_on_policy": Loss(policy_gradient_on_policy_loss, frozenset({"advantages_B"}), _CLIP_FIELDS,
+                                      _CLIP_KWARGS),
+    "policy_entropy": Loss(policy_entropy_loss, frozenset({"advantages_B"}), _CLIP_FIELDS | {"old_logprobs_B_T"},
+                           _CLIP_KWARGS | {"entropy_coef"}, frozenset({"entropy_B_T"})),
+    "ppo": Loss(ppo_loss, frozenset({"advantages_B", "old_logprobs_B_T", "old_values_B_T", "returns_B_T"}),
+                _CLIP_FIELDS, _CLIP_KWARGS | {"vf_coef", "vf_clip", "entropy_coef"}, frozenset({"values_B_T", "entropy_B_T"})),
     # GSPO: one clipped ratio per sequence, a mean over sequences; CISPO: a clipped, detached IS weight per token
     "gspo": Loss(gspo_loss, frozenset({"advantages_B"}), _REF | {"old_logprobs_B_T"},
                  frozenset({"clip_eps", "clip_eps_high", "kl_beta", "kl_kind"}), units="sequence"),

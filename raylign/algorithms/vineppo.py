@@ -30,7 +30,7 @@ import torch
 from raylign.algorithms.numerics import masked_mean, masked_whiten
 from raylign.algorithms.policy_gradient import rollout_metrics, rollout_output
 from raylign.algorithms.ppo import pad_B_T, penalize_truncated, rows
-from raylign.algorithms.protocol import Cluster, StepOutput, completions_batch
+from raylign.algorithms.protocol import Cluster, StepOutput, add_tis, completions_batch
 from raylign.algorithms.step_split import split_steps
 from raylign.types import Problem
 from raylign.types import TrainBatch
@@ -60,6 +60,7 @@ def vineppo_step(cluster: Cluster, problems: list[Problem], cfg, state: dict) ->
         adv_B_T = masked_whiten(adv_B_T, mask_B_T)
     batch.fields["advantages_B"] = rows(adv_B_T, lengths_B)
     loss_name, loss_kwargs = _policy_loss(cluster, batch, cfg)
+    add_tis(batch, groups, loss_kwargs, cfg.tis_cap)
     for _ in range(cfg.epochs):
         metrics.update(cluster.train_step(batch, loss_name, loss_kwargs, cfg.minibatches))
     metrics.update(cluster.sync_weights())
