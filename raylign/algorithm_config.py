@@ -37,6 +37,14 @@ class _PolicyGradient(_Sampling):
     epochs: int = Field(1, ge=1, description="passes over each batch (more than 1 makes the ratio clip matter)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling: weight each token by min(pi_trainer / pi_generator, tis_cap) (the generator's kernels, and async its older weights, differ from the trainer's); None: off")
+    max_staleness: int = Field(0, ge=0, description="asynchronous training: the generators sample the next max_staleness steps' prompts while a step trains, so a sample may be that many policy versions old (older ones are dropped); 0: synchronous")
+
+    @model_validator(mode="after")
+    def _check_async(self):
+        if self.max_staleness > 0 and self.tis_cap is None:
+            raise ValueError(f"max_staleness={self.max_staleness} trains on samples of older weights; set "
+                             "algorithm.tis_cap (e.g. 2.0) so the loss corrects for them")
+        return self
 
 
 class _CriticFree(_PolicyGradient):

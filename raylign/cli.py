@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"held-out greedy accuracy: before {fmt(before)} -> after {fmt(after)} ({summary['steps']} steps, "
           f"{summary['wall_s'] / 60:.1f} min)")
     if summary.get("weight_sync"):
-        from raylign.orchestrator.rl_cluster import describe_sync_layout
+        from raylign.orchestrator.sync_check import describe_sync_layout
 
         print(f"weight sync: {describe_sync_layout(summary['weight_sync'])}")
     print(f"final model: {summary['final_model_dir']}")

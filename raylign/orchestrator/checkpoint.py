@@ -184,6 +184,14 @@ class PromptStream:
             self.position += 1
         return batch
 
+    def peek_batches(self, k: int) -> list[list]:
+        """The next k steps' batches, left in the stream (async training samples them ahead)."""
+        saved = self.epoch, self.position, self._order
+        try:
+            return [self.next() for _ in range(k)]
+        finally:
+            self.epoch, self.position, self._order = saved
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 

@@ -16,8 +16,10 @@ folders ``load_weights`` may then pass instead of a full-weights file; a replay 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,10 +67,20 @@ class _Job:
         self.deadline = time.monotonic() + self.limit_s
 
 
+def _one_at_a_time(method):
+    """Calls from several driver threads (async training's prefetch beside the step) run one after another."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class GeneratorPool:
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig,
                  fault_cfg: FaultConfig | None = None, lora_rank: int | None = None):
         self.args = (model_path, model_cfg, gen_cfg)
+        self._lock = threading.RLock()
         self.lora_rank = lora_rank
         self.cfg = gen_cfg
         self.fault = fault_cfg or FaultConfig()
@@ -97,6 +109,7 @@ class GeneratorPool:
             return self.cfg.timeout_s
         return CHUNK_ALLOWANCE_S + num_prompts * spec.n * spec.max_new_tokens / FLOOR_TOKENS_PER_S
 
+    @_one_at_a_time
     def generate(self, prompts: list[Prompt], spec: SamplingSpec,
                  on_done: Callable[[int], None] | None = None) -> list[list[Completion]]:
         size = max(1, min(self.cfg.batch_size, -(-len(prompts) // len(self.actors))))
@@ -191,6 +204,7 @@ class GeneratorPool:
                                              "again right after a restart") from again
         return out
 
+    @_one_at_a_time
     def node_ids(self) -> list[str]:
         """The Ray node each replica runs on (asked once per replica start)."""
         if None in self.nodes:
@@ -201,6 +215,7 @@ class GeneratorPool:
         """Every replica serves ``path`` (full-weights file or adapter folder) as ``version``; seconds each took."""
         return self.load(version, {i: "file" for i in range(len(self.actors))}, path=path)
 
+    @_one_at_a_time
     def load(self, version: int, transports: dict[int, str], path: str | None = None,
              buckets: WeightBuckets | None = None, timeout_s: float = 300.0) -> list[float]:
         """Every replica i serves one sync as ``version``: by ``transports[i]``, "file" (``path``, a file or adapter
@@ -211,26 +226,31 @@ class GeneratorPool:
         self.weights = calls["ray" if buckets is not None else "file"]  # set first: see _replace
         return self._each_call(lambda i: calls[transports[i]])
 
+    @_one_at_a_time
     def each_generate(self, prompts: list[Prompt], spec: SamplingSpec) -> list[list[list[Completion]]]:
         """The same prompts on every replica (the sync canary): per replica, its groups in prompt order."""
         return self._each("generate", lambda i: (prompts, spec))
 
+    @_one_at_a_time
     def replace(self, i: int, cause: str) -> None:
         """Replace replica i now (a counted fault), restored to the pool's weights, version and seed."""
         self._await_started()
         self.starting = dict([self._replace(i, cause)])
         self._await_started()
 
+    @_one_at_a_time
     def reseed(self, seed: int) -> None:
         self.seed = seed
         self._each("reseed", lambda i: (seed + SEED_STRIDE * i,))
 
+    @_one_at_a_time
     def policy_versions(self) -> list[int]:
         return self._each("policy_version")
 
     def fault_counters(self) -> dict[str, int]:
         return self.restarts.counters()
 
+    @_one_at_a_time
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)

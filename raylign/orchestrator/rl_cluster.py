@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 
 from raylign.algorithms.registry import ALGORITHMS
@@ -21,28 +22,19 @@ from raylign.config import Config
 from raylign.envs.pairs import encode_response
 from raylign.models import load_tokenizer, resolve_model
 from raylign.orchestrator.episodes import rollout_stack
-from raylign.algorithms.protocol import completions_batch
-from raylign.orchestrator.generator_pool import GeneratorPool, GeneratorPoolError
+from raylign.orchestrator.generator_pool import GeneratorPool
 from raylign.orchestrator.lm_service import service_counters, start_services, stop_services
 from raylign.orchestrator.metrics import PhaseTimer
+from raylign.orchestrator.prefetch import Prefetcher
 from raylign.orchestrator.reference_pool import ReferenceClient
 from raylign.orchestrator.reward_pool import RewardPool
+from raylign.orchestrator.sync_check import check_sync, describe_sync_layout
 from raylign.orchestrator.trainer_group import TrainerGroup
 from raylign.types import Completion, Problem, Score, TrainBatch
 
 
 REF_CACHE_TOKENS = 5_000_000
-# The sync canary: fixed chat prompts every replica samples after a sync; their log-probs must match the trainer's.
-CANARY_PROMPTS = [[{"role": "user", "content": "What is 17 + 25?"}],
-                  [{"role": "user", "content": "Name a river in Europe."}]]
-CANARY_TOKENS = 8
 log = logging.getLogger(__name__)
-
-
-def describe_sync_layout(layout: dict) -> str:
-    """One line: which transport each replica got, with short node ids."""
-    replicas = "; ".join(f"replica {r['replica']} on node {r['node'][:8]} by {r['transport']}" for r in layout["replicas"])
-    return f"trainer rank 0 on node {layout['trainer_node'][:8]}; {replicas}"
 
 
 class RayCluster:
@@ -72,6 +64,7 @@ class RayCluster:
         self._search_base = 0.0  # retriever seconds of the run before this process (a resume)
         self.step = 0  # the training step being run (set by the loop; fault hooks read it)
         self.prompt_source = None  # n -> the next n training prompts (set by the loop; dynamic sampling reads it)
+        self.prefetch: Prefetcher | None = None  # async training (start_prefetch)
         self.model_path, self.storage_dir = model_path, storage_dir
         self.weights_path = Path(cfg.trainer.weights_dir) / run_id / "policy.safetensors"
         self.syncs = 0
@@ -174,13 +167,23 @@ class RayCluster:
             raise RuntimeError("no prompt source: the training loop sets RayCluster.prompt_source")
         return self.prompt_source(n)
 
+    def start_prefetch(self, upcoming: Callable[[int], list[list[Problem]]], max_staleness: int) -> None:
+        """Asynchronous training: ``upcoming(k)`` gives the next k steps' prompts (see prefetch.py)."""
+        self.prefetch = Prefetcher(self._sample, upcoming, max_staleness)
+
+    def _sample(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
+        return self.rollouts.generate(self.prompt_ids(problems), self.generators.spec(n=n, temperature=temperature))
+
     def generate(self, problems: list[Problem], n: int, temperature: float) -> list[list[Completion]]:
         self.ensure_synced()
         with self.timer.phase("generate"):
-            spec = self.generators.spec(n=n, temperature=temperature)
-            groups = self.rollouts.generate(self.prompt_ids(problems), spec)
+            if self.prefetch is None:
+                groups = self._sample(problems, n, temperature)
+            else:
+                groups = self.prefetch.serve(problems, n, temperature, self.version,
+                                             lambda: self._sample(problems, n, temperature))
         stale = {c.policy_version for g in groups for c in g} - {self.version}
-        assert not stale, f"off-policy samples in synchronous mode: versions {stale}, trainer at {self.version}"
+        assert not stale or self.prefetch, f"off-policy samples in synchronous mode: versions {stale}, trainer at {self.version}"
         self.tokens_generated += sum(len(c.token_ids) for g in groups for c in g)
         return groups
 
@@ -342,37 +345,16 @@ class RayCluster:
         return chosen
 
     def check_sync(self) -> float:
-        """The canary: each replica samples fixed prompts; its log-probs must match the trainer's on the same
-        tokens within trainer.sync_check_tol, or the replica is replaced and checked once more (then the run
-        stops: the sync itself is broken). Returns the largest gap seen on the replicas that passed."""
-        tol = self.cfg.trainer.sync_check_tol
-        spec = self.generators.spec(temperature=1.0, n=1, max_new_tokens=CANARY_TOKENS)
-        worst = 0.0
-        for attempt in range(2):
-            per_replica = self.generators.each_generate(CANARY_PROMPTS, spec)
-            gaps = [self._canary_gap([c for g in groups for c in g]) for groups in per_replica]
-            bad = [i for i, gap in enumerate(gaps) if gap > tol]
-            worst = max([worst, *[g for g in gaps if g <= tol]])
-            if not bad:
-                return worst
-            if attempt == 1:
-                raise GeneratorPoolError(f"weight sync check: replicas {bad} still differ from the trainer by "
-                                         f"{max(gaps[i] for i in bad):.3f} > trainer.sync_check_tol={tol} "
-                                         "in log-prob after being replaced and re-synced")
-            for i in bad:
-                self.generators.replace(i, f"failed the weight sync check (log-prob gap {gaps[i]:.3f} > {tol})")
-        return worst
-
-    def _canary_gap(self, completions: list[Completion]) -> float:
-        trainer_lp = self.trainer.logprobs(completions_batch([completions]))
-        return max((abs(a - b) for c, lp in zip(completions, trainer_lp, strict=True)
-                    for a, b in zip(c.logprobs, lp, strict=True)), default=0.0)
+        """The sync canary (sync_check.py); the largest log-prob gap on the replicas that passed."""
+        return check_sync(self.generators, self.trainer, self.cfg.trainer.sync_check_tol)
 
     def reseed(self, step: int) -> None:
         if self.generators is not None:
             self.generators.reseed(self.cfg.generator.seed + 1_000_003 * (step + 1))
 
     def shutdown(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
         self.trainer.shutdown()
         if self.generators is not None:
             if self.rollouts is not self.generators:

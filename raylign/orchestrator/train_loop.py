@@ -153,6 +153,8 @@ class TrainingRun:
         self.checkpoints = out_dir / "checkpoints"
         # the step's extra prompts (dynamic sampling) come from the same checkpointed stream, whichever it is now
         cluster.prompt_source = lambda n: self.stream.take(n)
+        if getattr(cfg.algorithm, "max_staleness", 0) > 0:  # async: the generators sample the next steps ahead
+            cluster.start_prefetch(lambda k: self.stream.peek_batches(k), cfg.algorithm.max_staleness)
 
     def run(self, ckpt: Path | None, state: dict) -> dict:
         step = state.get("step", 0)
@@ -250,6 +252,8 @@ class TrainingRun:
         phases = cluster.timer.pop()
         phases["timing/overhead"] = step_s - sum(phases.values())
         self.add_timing(phases)
+        if getattr(cluster, "prefetch", None) is not None:
+            phases.update(cluster.prefetch.pop_metrics())
         metrics = {**out.metrics, **phases, **self.fault_counters(), "timing/step": step_s,
                    "perf/tokens_per_s": (cluster.tokens_generated - tokens_before) / step_s}
         self.tracker.log_metrics(metrics, step=step + 1)
