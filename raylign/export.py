@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from raylign.actors.lora import adapter_state, is_peft_state, merged_hf_state, peft_config_dict, write_adapter
-from raylign.actors.trainer_checkpoint import MODEL_FILE, _atomic_save, write_hf_folder
+from raylign.actors.trainer_checkpoint import MODEL_FILE, atomic_save, write_hf_folder
 from raylign.actors.value_head import drop_value_head
 from raylign.config import Config
 from raylign.models import resolve_model
@@ -41,7 +41,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, adapter: bool = False) 
             raise ExportError(f"{run}: trained the full model (trainer.lora.enabled=false), so there is no adapter; "
                               f"export it with --merge")
         tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in adapter_state(state).items()}
-        write_adapter(out, tensors, peft_config_dict(lora, model_path), _atomic_save)
+        write_adapter(out, tensors, peft_config_dict(lora, model_path), atomic_save)
         return out
     hf = drop_value_head(state)
     hf = merged_hf_state(hf, lora.alpha, lora.r) if lora.enabled else hf

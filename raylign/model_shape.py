@@ -4,15 +4,13 @@ llama, mistral, qwen2, qwen3. Used by the memory plan (memory_plan.py)."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from raylign.config import ConfigError, ModelConfig
-from raylign.models import BUILTIN_MODELS, ModelError, resolve_model
+from raylign.models import ModelError, is_hub_id, resolve_model
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # as raylign.models tells a hub id from a path
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -103,7 +101,7 @@ def read_config_json(model_cfg: ModelConfig) -> dict:
     """The model's config.json without loading weights: a hub id downloads that one file; a built-in name or a
     local folder goes through resolve_model (the built-ins are built once and cached)."""
     name = model_cfg.name
-    if name not in BUILTIN_MODELS and not Path(name).expanduser().exists() and _HUB_ID.match(name):
+    if is_hub_id(name):
         from huggingface_hub import hf_hub_download
 
         try:

@@ -34,6 +34,11 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether model.name reads as a hub id ("org/name") rather than a built-in name or a local folder."""
+    return name not in BUILTIN_MODELS and not Path(name).expanduser().exists() and bool(_HUB_ID.match(name))
+
+
 class ModelError(ValueError):
     """A model name that cannot be resolved; the message names it and says what to do."""
 
@@ -235,8 +240,7 @@ def model_on_this_node(cfg: ModelConfig, driver_path: str) -> str:
     ids are resolved again here, into this node's cache (when it already holds them: one marker read). A local
     folder is used where the driver found it and must be at that path on every node (shared storage).
     """
-    local = Path(cfg.name).expanduser()
-    if cfg.name in BUILTIN_MODELS or (_HUB_ID.match(cfg.name) and not local.exists()):
+    if cfg.name in BUILTIN_MODELS or is_hub_id(cfg.name):
         return resolve_model(cfg)
     if not (Path(driver_path) / "config.json").is_file():
         import socket

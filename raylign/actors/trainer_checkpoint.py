@@ -85,7 +85,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
@@ -107,7 +107,7 @@ def save_weights(wrapped: Trainable, path: str, rank: int) -> int:
     if getattr(wrapped.inner.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the embedding again; both generator backends re-tie it
     bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    _atomic_save(bf16, Path(path))
+    atomic_save(bf16, Path(path))
     return sum(t.numel() * t.element_size() for t in bf16.values())
 
 
@@ -117,7 +117,7 @@ def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir:
     if rank != 0:
         return 0
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
-    return write_adapter(Path(out_dir), tensors, peft_config_dict(lora, model_path), _atomic_save)
+    return write_adapter(Path(out_dir), tensors, peft_config_dict(lora, model_path), atomic_save)
 
 
 def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None) -> None:
@@ -140,7 +140,7 @@ def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, 
             config[key] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    _atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
+    atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
 
 
 # --- pure conversions: live state <-> (tensors for safetensors, JSON-able dict) ---------------------------
@@ -214,8 +214,8 @@ def _separate_critic(worker: TrainerState) -> bool:
 def write_part(out: Path, files: PartFiles, model_state: dict, optim_state: dict) -> None:
     """One model's fp32 weights and full optimizer state as its three files (rank 0 only, no collectives)."""
     tensors, meta = optimizer_to_files(optim_state)
-    _atomic_save(model_state, out / files.model)
-    _atomic_save(tensors, out / files.optimizer)
+    atomic_save(model_state, out / files.model)
+    atomic_save(tensors, out / files.optimizer)
     _atomic_json(meta, out / files.optimizer_meta)
 
 
