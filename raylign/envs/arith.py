@@ -92,9 +92,10 @@ def _draw(level: int, rng: random.Random) -> tuple[str, tuple[int, ...]]:
 def fact_split(op: str, operands: tuple[int, ...]) -> str:
     """"train" or "test" for an arithmetic fact, the same for every seed, process and phrasing."""
     if chain_steps(op):
-        return SPLITS[hashlib.sha256(chain_canonical(op, operands).encode()).digest()[0] % 2]
-    commuting = _OPS[op][3]
-    canonical = f"{op}:{sorted(operands[:commuting]) + list(operands[commuting:])}"
+        canonical = chain_canonical(op, operands)
+    else:
+        commuting = _OPS[op][3]
+        canonical = f"{op}:{sorted(operands[:commuting]) + list(operands[commuting:])}"
     return SPLITS[hashlib.sha256(canonical.encode()).digest()[0] % 2]
 
 
