@@ -46,7 +46,7 @@ class EnvConfig(_Section):
     name: Literal["arith", "gsm8k", "math", "rag", "dspy"] = Field("arith", description="environment: task, prompt and reward")
     system_prompt: str | None = Field(None, description="replace the env's default system prompt")
     lenient: bool = Field(False, description="also accept the last number when the answer format is missing")
-    difficulty: int = Field(1, ge=1, le=5, description="arith: difficulty level, 1 (one-digit sums) to 5")
+    difficulty: int = Field(1, ge=1, le=6, description="arith: difficulty level, 1 (one-digit sums) to 6 (chains of 3-5 steps, worked steps and a Final line)")
     num_problems: int = Field(200, ge=1, description="arith: problems generated per split")
     seed: int = Field(1234, description="arith: seed of the problem generator (train and test never overlap)")
 

@@ -1,7 +1,8 @@
 """Procedurally generated arithmetic word problems: the offline default env, needing no files.
 
 Levels: 1 one-digit sums; 2 two-digit +/- one-digit (results >= 0); 3 two-digit +/- two-digit;
-4 products (one-digit x one-digit up to two-digit x one-digit); 5 two steps (a + b - c, a * b + c).
+4 products (one-digit x one-digit up to two-digit x one-digit); 5 two steps (a + b - c, a * b + c);
+6 "chain": a start number and 3-5 small steps, intermediate values 1..200 (``arith_chain``).
 Half the questions are bare ("What is 7 + 5?"), half short word problems.
 
 Train and test never share an arithmetic fact: each fact's canonical form (operands of + and *
@@ -12,6 +13,9 @@ a model trained on any seed's train split is never tested on a fact it saw. The 
 The policy this targets (SmolLM2-135M-Instruct) rarely writes "Final:" lines, so the prompt asks
 for just the number and the reward reads a Final line if there is one, else the LAST number.
 Reward: 1.0 right, 0.1 a number but wrong (format credit), 0.0 no number.
+Level 6 asks for the working one step per line and a last line "Final: <number>", and its reward is
+the strict final-answer reward (``gsm8k.score_final``): 1.0 right on the Final line, 0.1 a Final line
+with a wrong number, 0.0 no Final line (``env.lenient`` adds the last-number fallback, as for GSM8K).
 With ``dataset.path`` set, records come from that file (question_key / answer_key; an answer
 may be a plain number or a GSM8K-style "... #### 42").
 """
@@ -23,6 +27,8 @@ import random
 from typing import Callable
 
 from raylign.config import DatasetConfig, EnvConfig
+from raylign.envs.arith_chain import canonical as chain_canonical
+from raylign.envs.arith_chain import chain_question, chain_steps, chain_values, draw_chain
 from raylign.envs.answers import (
     extract_final,
     extract_gsm8k_truth,
@@ -30,11 +36,15 @@ from raylign.envs.answers import (
     normalize_number,
     numbers_equal,
 )
-from raylign.types import Problem, Score
 from raylign.envs.data import DataError, field, load_records, question_text
+from raylign.envs.gsm8k import score_final
+from raylign.types import Problem, Score
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves arithmetic problems."
 ANSWER_INSTRUCTION = "Answer with just the number."
+CHAIN_LEVEL = 6
+STEPS_INSTRUCTION = ('Work it out one step per line, like "12 * 3 = 36". '
+                     'The last line must be "Final: <number>".')
 CORRECT, FORMAT_ONLY = 1.0, 0.1
 SPLITS = ("train", "test")
 
@@ -61,6 +71,8 @@ _OPS: dict[str, tuple[Callable[..., int], str, str, int]] = {
 
 def _draw(level: int, rng: random.Random) -> tuple[str, tuple[int, ...]]:
     """An operation and its operands for a difficulty level."""
+    if level == CHAIN_LEVEL:
+        return draw_chain(rng)
     coin = rng.random() < 0.5
     if level == 1:
         return "add", (rng.randint(1, 9), rng.randint(1, 9))
@@ -79,12 +91,22 @@ def _draw(level: int, rng: random.Random) -> tuple[str, tuple[int, ...]]:
 
 def fact_split(op: str, operands: tuple[int, ...]) -> str:
     """"train" or "test" for an arithmetic fact, the same for every seed, process and phrasing."""
-    commuting = _OPS[op][3]
-    canonical = f"{op}:{sorted(operands[:commuting]) + list(operands[commuting:])}"
+    if chain_steps(op):
+        canonical = chain_canonical(op, operands)
+    else:
+        commuting = _OPS[op][3]
+        canonical = f"{op}:{sorted(operands[:commuting]) + list(operands[commuting:])}"
     return SPLITS[hashlib.sha256(canonical.encode()).digest()[0] % 2]
 
 
+def answer(op: str, operands: tuple[int, ...]) -> int:
+    """The value of an arithmetic fact (a chain's last value)."""
+    return chain_values(op, operands)[-1] if chain_steps(op) else _OPS[op][0](*operands)
+
+
 def _question(op: str, operands: tuple[int, ...], rng: random.Random) -> tuple[str, str]:
+    if chain_steps(op):
+        return chain_question(op, operands, rng)
     values = dict(zip("abc", operands))
     _, expr, story, _ = _OPS[op]
     # Word problems need every operand >= 2 ("has 1 apples" reads badly); the draw stays deterministic.
@@ -104,7 +126,7 @@ def generate(level: int, split: str, count: int, seed: int) -> list[tuple[str, s
         question, phrasing = _question(op, operands, rng)
         if fact_split(op, operands) == split and question not in seen:
             seen.add(question)
-            out.append((question, op, operands, _OPS[op][0](*operands), phrasing))
+            out.append((question, op, operands, answer(op, operands), phrasing))
             if len(out) == count:
                 return out
     raise ValueError(f"arith level {level}: only {len(out)} distinct {split} problems; lower env.num_problems")
@@ -127,10 +149,15 @@ class ArithEnv:
         self.env_cfg = env_cfg
         self.dataset_cfg = dataset_cfg
 
+    def _chain(self) -> bool:
+        """Generated level-6 problems: worked steps and a Final line (a dataset file keeps the number prompt)."""
+        return self.env_cfg.difficulty == CHAIN_LEVEL and self.dataset_cfg.path is None
+
     def _messages(self, question: str) -> list[dict[str, str]]:
+        instruction = STEPS_INSTRUCTION if self._chain() else ANSWER_INSTRUCTION
         return [
             {"role": "system", "content": self.env_cfg.system_prompt or DEFAULT_SYSTEM_PROMPT},
-            {"role": "user", "content": f"{question}\n{ANSWER_INSTRUCTION}"},
+            {"role": "user", "content": f"{question}\n{instruction}"},
         ]
 
     def problems(self, split: str) -> list[Problem]:
@@ -159,4 +186,6 @@ class ArithEnv:
         return out
 
     def reward(self, problem: Problem, completion: str) -> Score:
+        if problem.meta.get("level") == CHAIN_LEVEL:  # the problem's own prompt asked for a Final line
+            return score_final(completion, problem.answer, lenient=self.env_cfg.lenient)
         return score_number(completion, problem.answer)

@@ -1,5 +1,7 @@
 """Worked arith solutions for SFT examples and preference pairs, generated from the arith env's own problems
-(a correct one, and one with an arithmetic slip in a random step), so SFT and DPO run offline with no files."""
+(a correct one, and one with an arithmetic slip in a random step), so SFT and DPO run offline with no files.
+Every level writes one "a op b = c" line per step and then "Final: N"; a level-6 chain has one step per
+operation, the format its prompt asks for."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import NamedTuple
 
 from raylign.config import DatasetConfig, EnvConfig
 from raylign.envs.arith import ArithEnv
+from raylign.envs.arith_chain import STEPS, chain_steps
 from raylign.types import Example, Pair, Problem
 
 
@@ -20,7 +23,12 @@ _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def _plan(op: str, operands: list[int]) -> list[tuple[int | _Ref, str, int | _Ref]]:
-    """The worked steps of an arith fact: two-digit operands are split into tens and ones."""
+    """The worked steps of an arith fact: two-digit operands are split into tens and ones; a chain is one
+    step per operation, each on the previous result."""
+    if names := chain_steps(op):
+        first, *later = [STEPS[name].symbol for name in names]
+        return [(operands[0], first, operands[1]),
+                *((_Ref(i), sym, n) for i, (sym, n) in enumerate(zip(later, operands[2:], strict=True)))]
     a, b, *rest = operands
     if op == "add" and a >= 10 and b >= 10:
         return [(a - a % 10, "+", b - b % 10), (a % 10, "+", b % 10), (_Ref(0), "+", _Ref(1))]
