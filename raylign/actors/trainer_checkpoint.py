@@ -2,9 +2,9 @@
 
 Every function is collective (all ranks call it; gathers and broadcasts run over the process group) and
 only rank 0 touches the files, so a multi-node group needs no shared filesystem for writing.
-- ``save_weights``: one bf16 safetensors file, HF names, without a tied lm_head (the generators re-tie it),
+- ``save_weights``: one safetensors file in model.dtype (what the generators run), HF names, without a tied lm_head (the generators re-tie it),
   written to a temp file in the same folder and ``os.replace``d, so a reader never sees half a file.
-- ``export_hf``: a plain HF folder (config, bf16 ``model.safetensors`` as save_pretrained writes it, i.e.
+- ``export_hf``: a plain HF folder (config, ``model.safetensors`` in model.dtype as save_pretrained writes it, i.e.
   without a tied lm_head, tokenizer and generation files copied from the source model).
 - trainer checkpoint, safetensors for tensors and JSON for the rest, so loading one runs no code (the .pt
   files of earlier versions could run anything on ``--resume``):
@@ -99,36 +99,42 @@ def hf_state(wrapped: Trainable, lora: LoraConfig) -> dict[str, torch.Tensor]:
     return merged_hf_state(state, lora.alpha, lora.r) if lora.enabled and state else state
 
 
-def save_weights(wrapped: Trainable, path: str, rank: int) -> int:
-    """Full-weight sync (a LoRA policy syncs with save_adapter); returns the bytes written on rank 0."""
+def save_weights(wrapped: Trainable, path: str, rank: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Full-weight sync (a LoRA policy syncs with save_adapter) in the generators' ``dtype`` (model.dtype: an fp32
+    generator gets fp32, or it would sample from a rounded policy); returns the bytes written on rank 0."""
     state = hf_state(wrapped, LoraConfig())
     if rank != 0:
         return 0
     if getattr(wrapped.inner.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the embedding again; both generator backends re-tie it
-    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    atomic_save(bf16, Path(path))
-    return sum(t.numel() * t.element_size() for t in bf16.values())
+    cast = {k: v.to(dtype) for k, v in state.items()}
+    atomic_save(cast, Path(path))
+    return sum(t.numel() * t.element_size() for t in cast.values())
 
 
-def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir: str, rank: int) -> int:
-    """Adapter-only sync: gathers and writes only the LoRA tensors (bf16), as a peft adapter folder."""
+def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir: str, rank: int,
+                 dtype: torch.dtype = torch.bfloat16) -> int:
+    """Adapter-only sync: gathers and writes only the LoRA tensors (in ``dtype``), as a peft adapter folder."""
     tensors = adapter_state(wrapped.gather_params(is_adapter))
     if rank != 0:
         return 0
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
     return write_adapter(Path(out_dir), tensors, peft_config_dict(lora, model_path), atomic_save)
 
 
-def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None) -> None:
+def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None,
+              dtype: torch.dtype = torch.bfloat16) -> None:
     state = hf_state(wrapped, lora or LoraConfig())
     if rank == 0:
-        write_hf_folder(state, model_path, Path(out_dir), getattr(wrapped.inner.config, "tie_word_embeddings", False))
+        write_hf_folder(state, model_path, Path(out_dir), getattr(wrapped.inner.config, "tie_word_embeddings", False),
+                        dtype)
 
 
-def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, tied: bool) -> None:
-    """A plain HF folder: the source model's config (dtype bf16), tokenizer and generation files, and the
-    given HF-named weights as bf16 ``model.safetensors`` (without a tied lm_head, as save_pretrained writes)."""
+def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, tied: bool,
+                    dtype: torch.dtype = torch.bfloat16) -> None:
+    """A plain HF folder: the source model's config (its dtype set to ``dtype``), tokenizer and generation files,
+    and the given HF-named weights as ``model.safetensors`` in ``dtype`` (without a tied lm_head, as
+    save_pretrained writes)."""
     src = Path(model_path)
     out.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
@@ -137,10 +143,10 @@ def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, 
     config = json.loads((src / "config.json").read_text())
     for key in ("dtype", "torch_dtype"):
         if key in config:
-            config[key] = "bfloat16"
+            config[key] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    atomic_save({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
+    atomic_save({k: v.to(dtype) for k, v in state.items()}, out / "model.safetensors")
 
 
 # --- pure conversions: live state <-> (tensors for safetensors, JSON-able dict) ---------------------------

@@ -92,6 +92,7 @@ class TrainerWorker:
     def __init__(self, spec: WorkerSpec, rank: int, world: int):
         spec = replace(spec, model_path=model_on_this_node(spec.model_cfg, spec.model_path))
         self.spec, self.cfg, self.rank, self.world = spec, spec.cfg, rank, world
+        self.sync_dtype = getattr(torch, spec.model_cfg.dtype)  # what the generators run: syncs and exports use it
         # Ray pins OMP/torch threads to the worker's logical CPUs (often 1); training runs while the generators
         # idle (synchronous mode), so the workers may use every core between them.
         torch.set_num_threads(self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
@@ -296,15 +297,16 @@ class TrainerWorker:
     def save_weights(self, cmd: SaveWeights) -> int:
         """Bytes written: the whole bf16 model, or with LoRA only the adapter."""
         if self.lora:
-            return ckpt.save_adapter(self.policy, self.cfg.lora, self.spec.model_path, cmd.path, self.rank)
-        return ckpt.save_weights(self.policy, cmd.path, self.rank)
+            return ckpt.save_adapter(self.policy, self.cfg.lora, self.spec.model_path, cmd.path, self.rank, self.sync_dtype)
+        return ckpt.save_weights(self.policy, cmd.path, self.rank, self.sync_dtype)
 
     def send_weights(self, cmd: SendWeights) -> WeightBuckets | None:
         """The same weights as save_weights, as checksummed buckets in Ray's object store (rank 0; None elsewhere)."""
-        return send_weights(self.policy, self.cfg.lora, self.spec.model_path, self.rank, cmd.bucket_bytes)
+        return send_weights(self.policy, self.cfg.lora, self.spec.model_path, self.rank, cmd.bucket_bytes,
+                            self.sync_dtype)
 
     def export_hf(self, cmd: ExportHF) -> None:
-        ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank, self.cfg.lora)
+        ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank, self.cfg.lora, self.sync_dtype)
 
     def save_checkpoint(self, cmd: SaveCheckpoint) -> None:
         ckpt.save_trainer_checkpoint(self, cmd.dir)

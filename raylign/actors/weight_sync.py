@@ -3,7 +3,7 @@
 The file transport (trainer rank 0 writes one safetensors file, each replica reads it by path) needs the
 replica to see the trainer's filesystem. This one needs only Ray: rank 0 gathers the parameters one bucket
 at a time (``trainer.sync_bucket_mb`` of gathered fp32, so the sender never holds the whole model twice),
-casts each to bf16 and puts it into the object store, with a CRC32 of its names and bytes. A replica fetches
+casts each to the generators' dtype (model.dtype) and puts it into the object store, with a CRC32 of its names and bytes. A replica fetches
 the buckets one by one, checks each CRC before using a byte of it (``WeightSyncError`` otherwise, which the
 pool counts as a fault and answers by replacing the replica) and streams the tensors into its engine.
 
@@ -30,7 +30,7 @@ class WeightSyncError(RuntimeError):
 
 @dataclass(frozen=True)
 class Bucket:
-    ref: ray.ObjectRef  # dict[str, torch.Tensor], bf16, in the object store
+    ref: ray.ObjectRef  # dict[str, torch.Tensor] in model.dtype, in the object store
     names: tuple[str, ...]
     crc32: int
     nbytes: int
@@ -100,9 +100,11 @@ def read_buckets(sync: WeightBuckets, timeout_s: float, corrupt: bool = False) -
         del tensors
 
 
-def send_weights(wrapped, lora, model_path: str, rank: int, bucket_bytes: int) -> WeightBuckets | None:
-    """Rank 0's sync as buckets in the object store (None on other ranks). Collective: every rank gathers each
-    bucket's parameters together. ``wrapped``: the policy's Trainable; ``lora``: trainer.lora."""
+def send_weights(wrapped, lora, model_path: str, rank: int, bucket_bytes: int,
+                 dtype: torch.dtype = torch.bfloat16) -> WeightBuckets | None:
+    """Rank 0's sync as buckets in the object store (None on other ranks), in the generators' ``dtype``.
+    Collective: every rank gathers each bucket's parameters together. ``wrapped``: the policy's Trainable;
+    ``lora``: trainer.lora."""
     from raylign.actors.lora import adapter_state, is_adapter, peft_config_dict
     from raylign.actors.value_head import VALUE_HEAD
 
@@ -111,7 +113,7 @@ def send_weights(wrapped, lora, model_path: str, rank: int, bucket_bytes: int) -
         tensors = adapter_state(wrapped.gather_params(is_adapter))
         if rank != 0:
             return None
-        bucket = put_bucket({k: v.to(torch.bfloat16) for k, v in tensors.items()})
+        bucket = put_bucket({k: v.to(dtype) for k, v in tensors.items()})
         return WeightBuckets("adapter", (bucket,), node, peft_config_dict(lora, model_path))
     tied = bool(getattr(wrapped.inner.config, "tie_word_embeddings", False))
     sizes = [(name, 4 * getattr(p, "ds_numel", p.numel())) for name, p in wrapped.inner.named_parameters()
@@ -120,7 +122,7 @@ def send_weights(wrapped, lora, model_path: str, rank: int, bucket_bytes: int) -
     for names in plan_buckets(sizes, bucket_bytes):
         chosen = set(names)
         part = wrapped.gather_params(chosen.__contains__)
-        if rank == 0:  # pop: each fp32 tensor is freed as its bf16 copy is made, so the two never both peak
-            out.append(put_bucket({k: part.pop(k).to(torch.bfloat16) for k in names}))
+        if rank == 0:  # pop: each fp32 tensor is freed as its cast copy is made, so the two never both peak
+            out.append(put_bucket({k: part.pop(k).to(dtype) for k in names}))
         del part
     return WeightBuckets("full", tuple(out), node) if rank == 0 else None
