@@ -19,7 +19,8 @@ iteration 0 and every PROBE_EVERY iterations of each PPO run, the critic's V(s) 
 at the step boundaries of PROBE_PROMPTS x 2 fresh samples (``raylign.algorithms.value_probe``).
 
 Each finished run is saved under benchmarks/results/credit_assignment.parts/ and reused on the next start
-(delete the folder to re-measure). Writes benchmarks/results/credit_assignment.json and .png.
+(delete the folder to re-measure). Writes benchmarks/results/credit_assignment.json and .png
+(RAYLIGN_BENCH_NAME=x: x.parts, x.json, x.png, for a reduced run kept apart).
 Here (2 CPU cores): ``python benchmarks/credit_assignment.py`` (defaults below, about 3 hours; a CPU without
 bf16 support runs in fp32).
 On a GPU (the paper's scale is GSM8K with a 1B+ model): ``RAYLIGN_BENCH_ITERATIONS=200
@@ -44,7 +45,8 @@ from _parts import FP32_IF_NO_BF16, run_part  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = RESULTS / "credit_assignment.parts"
+NAME = os.environ.get("RAYLIGN_BENCH_NAME", "credit_assignment")  # results file stem: a reduced run names its own
+PARTS = RESULTS / f"{NAME}.parts"
 SFT_DIR = ROOT / "runs/bench-credit/sft"
 _env = os.environ.get
 ITERATIONS = int(_env("RAYLIGN_BENCH_ITERATIONS", "10"))
@@ -66,7 +68,7 @@ VINE = ["algorithm.mc_max_new_tokens=80", "algorithm.max_steps_per_response=6", 
 COMMON = ["env.difficulty=6", "env.num_problems=400", f"algorithm.prompts_per_step={_env('RAYLIGN_BENCH_PROMPTS', '6')}",
           f"algorithm.group_size={_env('RAYLIGN_BENCH_GROUP', '4')}", "algorithm.epochs=2", "algorithm.minibatches=2",
           "generator.max_new_tokens=80", "algorithm.temperature=1.0", "trainer.lr=1e-5", "trainer.warmup_steps=1",
-          "trainer.num_workers=1", "trainer.ref_model=none", "algorithm.kl_beta=0.0", "tracking.enabled=false",
+          "trainer.num_workers=1", "algorithm.kl_beta=0.0", "tracking.enabled=false",
           "train.steps=1000"]
 
 
@@ -192,7 +194,8 @@ def summarise(runs: dict) -> dict:
         "config": {"model": "smollm2-135m-instruct + SFT (configs/sft_arith_chain.yaml)",
                    "env": "arith difficulty 6 (3-5 step chains)", "common_overrides": COMMON + OVERRIDES,
                    "vineppo_overrides": VINE, "iterations": ITERATIONS, "cap_s": CAP_S, "seeds": seeds,
-                   "command": "python benchmarks/credit_assignment.py",
+                   "command": " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("RAYLIGN_BENCH_"))
+                   + " python benchmarks/credit_assignment.py",
                    "eval_every": EVAL_EVERY, "eval_problems": EVAL_N, "probe_prompts": PROBE_PROMPTS},
         "accuracy_untuned": runs["untuned"][0]["curve"][0]["accuracy"] if "untuned" in runs else None,
         "accuracy_after_sft": runs["ppo"][seeds[0]]["curve"][0]["accuracy"],
@@ -252,8 +255,8 @@ def main() -> None:
             saved.write_text(json.dumps(run_part(__file__, f"{name}@{seed}")))
         runs.setdefault(name, {})[seed] = json.loads(saved.read_text())
     summary = summarise(runs)
-    (RESULTS / "credit_assignment.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, RESULTS / "credit_assignment.png")
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, RESULTS / f"{NAME}.png")
     print(json.dumps({k: v for k, v in summary.items() if k != "algorithms"}, indent=2))
 
 
