@@ -85,7 +85,7 @@ class TrainerConfig(_Section):
     sync_bucket_mb: float = Field(256.0, gt=0, description="ray transport: gathered fp32 MB per bucket; the sender holds about one bucket beyond its shard")
     sync_timeout_s: float = Field(300.0, gt=0, description="ray transport: deadline for one bucket to reach a replica; past it the sync counts as a fault")
     sync_check_every: int = Field(10, ge=0, description="every N syncs (and the first), a canary compares each replica's log-probs on fixed prompts with the trainer's; a mismatch replaces the replica (0: never)")
-    sync_check_tol: float = Field(0.15, gt=0, description="canary: largest allowed per-token log-prob gap between a replica and the trainer (bf16 kernels differ by up to ~0.1)")
+    sync_check_tol: float = Field(0.3, gt=0, description="canary: largest allowed per-token log-prob gap between a replica and the trainer (vLLM's bf16 kernels and the trainer's bf16 autocast differed by up to 0.18 on SmolLM2 after PPO steps; fp32 end to end stays under 0.01). A looser tolerance lets smaller sync errors through: fp32 runs can set 0.05")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

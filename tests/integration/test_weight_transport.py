@@ -20,7 +20,8 @@ def cluster(ray_session, tiny_model, tmp_path_factory):
     # buckets of 0.05 MB of fp32: tiny-random-llama's 6.4 MB of bf16 weights travel in dozens
     cfg = tiny_config(tiny_model, tmp_path_factory.mktemp("wt"), "trainer.weight_transport=ray",
                       "trainer.sync_bucket_mb=0.05", "trainer.sync_check_every=1", "trainer.lr=1e-2",
-                      "generator.backend=hf")  # vLLM's streamed load is covered cross-node in test_multinode.py
+                      "generator.backend=hf",  # vLLM's streamed load is covered cross-node in test_multinode.py
+                      "trainer.sync_check_tol=0.15")  # the HF backend runs the trainer's kernels: tighter than the default
     rc = RayCluster(cfg, tiny_model, load_tokenizer(tiny_model), run_id="wtest",
                     storage_dir=str(tmp_path_factory.mktemp("ray_train")), reward_fn=vowel_reward)
     yield cfg, rc
