@@ -101,9 +101,9 @@ def part(spec: str) -> dict:
                       + [f"seed={seed}"] + OVERRIDES)
     path = resolve_model(cfg.model)
     env = make_env(cfg.env, cfg.dataset)
-    stream, held_out = PromptStream(env.problems("train"), cfg.algorithm.prompts_per_step, cfg.seed), \
-        env.problems("test")[:EVAL_N]
-    probe_set = env.problems("train")[-PROBE_PROMPTS:]  # the stream's last prompts: rarely trained on here
+    train_set, held_out = env.problems("train"), env.problems("test")[:EVAL_N]
+    stream = PromptStream(train_set, cfg.algorithm.prompts_per_step, cfg.seed)
+    probe_set = train_set[-PROBE_PROMPTS:]  # the probe's prompts: a few train ones, rarely trained on here
     curve, probes, iters, state, train_s, it = [], [], [], {}, 0.0, 0
     with ray_cluster(cfg.ray):
         rc = RayCluster(cfg, path, load_tokenizer(path), run_id=f"bench-{name}-{seed}",

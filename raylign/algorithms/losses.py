@@ -36,14 +36,13 @@ def kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max
 
 
 @torch.no_grad()
-def tis_weights(old_logprobs_B_T: torch.Tensor, gen_logprobs_B_T: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weights min(pi_old / pi_gen, cap) per token (detached)."""
-    return torch.exp(old_logprobs_B_T - gen_logprobs_B_T).clamp(max=cap)
+def tis_ratio(old_logprobs_B_T: torch.Tensor, gen_logprobs_B_T: torch.Tensor) -> torch.Tensor:
+    """pi_old / pi_gen per token (detached); the truncated importance weight is its ``clamp(max=cap)``."""
+    return torch.exp(old_logprobs_B_T - gen_logprobs_B_T)
 
 
-def tis_metrics(old_logprobs_B_T, gen_logprobs_B_T, mask_B_T, cap: float) -> dict[str, float]:
+def tis_metrics(ratio_B_T: torch.Tensor, mask_B_T: torch.Tensor, cap: float) -> dict[str, float]:
     """The untruncated ratio's mean and max over the loss tokens, and the share the cap binds."""
-    ratio_B_T = torch.exp(old_logprobs_B_T.detach() - gen_logprobs_B_T)
     on = mask_B_T > 0
     return {"tis/ratio_mean": masked_mean(ratio_B_T, mask_B_T).item(),
             "tis/ratio_max": ratio_B_T[on].max().item() if on.any() else 1.0,
@@ -71,7 +70,7 @@ def policy_gradient_loss(
     (the two terms of the returned loss; loss/kl includes beta), kl/mean (unweighted token-mean of the
     estimator), clip/fraction (share of valid tokens where the clip is binding, i.e. the gradient is cut),
     ratio/mean. Without a reference, loss/kl and kl/mean are 0. With ``tis_cap`` (and the generator's
-    ``gen_logprobs_B_T``) each token's term is weighted by ``tis_weights`` and ``tis_metrics`` are added.
+    ``gen_logprobs_B_T``) each token's term is weighted by ``tis_ratio`` clamped at the cap and ``tis_metrics`` are added.
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     adv_B_T = advantages_B.unsqueeze(-1) if advantages_B.dim() == 1 else advantages_B
@@ -84,7 +83,8 @@ def policy_gradient_loss(
     if tis_cap is not None:
         if gen_logprobs_B_T is None:
             raise ValueError("tis_cap needs gen_logprobs_B_T (the generator's log-probs)")
-        pg_B_T = pg_B_T * tis_weights(old_logprobs_B_T.detach(), gen_logprobs_B_T, tis_cap).to(pg_B_T.dtype)
+        tis_B_T = tis_ratio(old_logprobs_B_T.detach(), gen_logprobs_B_T)
+        pg_B_T = pg_B_T * tis_B_T.clamp(max=tis_cap).to(pg_B_T.dtype)
     policy_loss = aggregate(pg_B_T, mask_B_T, agg, max_tokens)
 
     kl_loss, kl_mean = kl_term(logprobs_B_T, ref_logprobs_B_T, mask_B_T, kl_beta, kl_kind, agg, max_tokens)
@@ -97,7 +97,7 @@ def policy_gradient_loss(
         "ratio/mean": masked_mean(ratio_B_T.detach(), mask_B_T).item(),
     }
     if tis_cap is not None:
-        metrics.update(tis_metrics(old_logprobs_B_T, gen_logprobs_B_T, mask_B_T, tis_cap))
+        metrics.update(tis_metrics(tis_B_T, mask_B_T, tis_cap))
     return policy_loss + kl_loss, metrics
 
 

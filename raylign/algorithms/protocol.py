@@ -99,7 +99,7 @@ def completions_batch(groups: list[list[Completion]], temperature: float = 1.0) 
 
 
 def add_tis(batch: TrainBatch, groups: list[list[Completion]], loss_kwargs: dict, tis_cap: float | None) -> None:
-    """Truncated importance sampling (``losses.tis_weights``), when ``tis_cap`` is set: the generator's log-probs
+    """Truncated importance sampling (``losses.tis_ratio``), when ``tis_cap`` is set: the generator's log-probs
     of every sampled token become a batch field and the cap a loss knob."""
     if tis_cap is not None:
         batch.fields["gen_logprobs_B_T"] = [c.logprobs for group in groups for c in group]

@@ -6,7 +6,7 @@ and trains. The generator pool serves one call at a time, so a weight sync waits
 and the next batch samples from the new weights: a batch taken at trainer version V was sampled at V - 1 or
 older, at most k behind (the cluster drops older ones and counts them). A queued batch whose prompts are no
 longer the stream's next (dynamic sampling took extra prompts) is discarded. The losses correct for the older
-sampling policy with truncated importance sampling (``algorithm.tis_cap``; losses.tis_weights).
+sampling policy with truncated importance sampling (``algorithm.tis_cap``; losses.tis_ratio).
 """
 
 from __future__ import annotations

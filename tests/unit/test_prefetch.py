@@ -24,11 +24,17 @@ class Generators:
                 for _ in problems]
 
 
-def test_batches_are_sampled_ahead_on_the_prefetch_thread_and_carry_their_age():
+def after_first_batch(depth: int, n: int = 2):
+    """Generators, stream and prefetcher after step 1 took its batch (sampled now, at v0) and queued the next."""
     gens, stream = Generators(), PromptStream(PROBLEMS, 2, seed=0)
-    pre = Prefetcher(gens.sample, stream.peek_batches, depth=1)
+    pre = Prefetcher(gens.sample, stream.peek_batches, depth=depth)
     first = stream.next()
-    groups = pre.serve(first, 3, 1.0, 0, lambda: gens.sample(first, 3, 1.0))  # nothing queued: sampled now
+    groups = pre.serve(first, n, 1.0, 0, lambda: gens.sample(first, n, 1.0))
+    return gens, stream, pre, groups
+
+
+def test_batches_are_sampled_ahead_on_the_prefetch_thread_and_carry_their_age():
+    gens, stream, pre, groups = after_first_batch(depth=1, n=3)  # nothing queued yet: sampled now
     assert [len(g) for g in groups] == [3, 3] and gens.calls[0][1] == threading.current_thread().name
     second = stream.next()
     pre._queued[next(iter(pre._queued))].result()  # the queued batch is the stream's next one, drawn at v0
@@ -44,10 +50,7 @@ def test_batches_are_sampled_ahead_on_the_prefetch_thread_and_carry_their_age():
 
 
 def test_too_old_samples_are_dropped_and_sampled_again():
-    gens, stream = Generators(), PromptStream(PROBLEMS, 2, seed=0)
-    pre = Prefetcher(gens.sample, stream.peek_batches, depth=1)
-    first = stream.next()
-    pre.serve(first, 2, 1.0, 0, lambda: gens.sample(first, 2, 1.0))
+    gens, stream, pre, _ = after_first_batch(depth=1)
     second = stream.next()
     pre._queued[next(iter(pre._queued))].result()  # drawn at v0
     gens.version = 2  # two syncs since: the trainer is 2 versions ahead, more than depth 1
@@ -58,10 +61,7 @@ def test_too_old_samples_are_dropped_and_sampled_again():
 
 
 def test_queued_batches_the_stream_no_longer_hands_out_are_discarded():
-    gens, stream = Generators(), PromptStream(PROBLEMS, 2, seed=0)
-    pre = Prefetcher(gens.sample, stream.peek_batches, depth=2)
-    first = stream.next()
-    pre.serve(first, 2, 1.0, 0, lambda: gens.sample(first, 2, 1.0))
+    gens, stream, pre, _ = after_first_batch(depth=2)
     assert len(pre._queued) == 2  # depth 2: the next two steps
     stream.take(1)  # dynamic sampling took an extra prompt: the upcoming batches shifted
     third = stream.next()

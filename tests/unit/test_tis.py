@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from raylign.algorithms.losses import policy_gradient_loss, tis_weights
+from raylign.algorithms.losses import policy_gradient_loss, tis_ratio
 from raylign.algorithms.policy_gradient import policy_gradient_step
 from raylign.algorithms.registry import LOSSES
 from raylign.config import ALGORITHM_CONFIGS
@@ -19,7 +19,7 @@ ADV = torch.tensor([1.0, -0.5], dtype=torch.float64)
 
 
 def test_weights_are_the_truncated_ratio_of_trainer_to_generator():
-    w = tis_weights(OLD, GEN, cap=2.0)
+    w = tis_ratio(OLD, GEN).clamp(max=2.0)
     expected = [[1.0, math.exp(-0.5), 2.0], [1.0, 2.0, 1.0]]  # exp(2) and exp(2) are capped at 2
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64))
 
@@ -28,7 +28,7 @@ def test_weighted_loss_scales_each_tokens_gradient_and_reports_the_ratios():
     lp = OLD.clone().requires_grad_(True)
     loss, metrics = policy_gradient_loss(lp, OLD, ADV, MASK, gen_logprobs_B_T=GEN, tis_cap=2.0)
     loss.backward()
-    w = tis_weights(OLD, GEN, 2.0)
+    w = tis_ratio(OLD, GEN).clamp(max=2.0)
     # ratio 1 (old = current): d loss / d lp_t = -A_i w_t / (valid tokens) under the token mean
     expected = -(ADV[:, None] * w * MASK) / MASK.sum()
     torch.testing.assert_close(lp.grad, expected)
