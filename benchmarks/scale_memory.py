@@ -5,8 +5,8 @@ Each configuration starts its own TrainerGroup (the real Ray Train workers) insi
 ``--steps`` GRPO-loss train steps on a fixed batch (``--seqs`` sequences of 64 prompt + 64 completion tokens),
 then writes the weights for sync once. Peak RSS per worker is the kernel's high-water mark (VmHWM in
 /proc/<pid>/status) of each worker process at the end, so it covers model load, DeepSpeed's start and the
-steps. fp32 training (``trainer.bf16=false``): this AVX2-only CPU has no native bf16, where bf16 compute is
-several times slower; fp32 also makes every term of the memory plan 2x its bf16 size where one is cast.
+steps. Training runs in the default bf16 where the CPU computes it natively (AVX512-BF16 or AMX) and in fp32
+(``trainer.bf16=false``) elsewhere, where bf16 compute is several times slower; the JSON says which.
 
     .venv/bin/python benchmarks/scale_memory.py            # all configurations (~20 min here)
     .venv/bin/python benchmarks/scale_memory.py --only zero3_lora_w2 fsdp2_w2
@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks/results"
 LORA = {"enabled": True, "r": 8, "alpha": 16}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _parts import cpu_has_bf16  # noqa: E402
+
+BF16 = cpu_has_bf16()
+DTYPE = "bfloat16" if BF16 else "float32"
 
 
 def configurations() -> dict[str, dict]:
@@ -70,9 +75,9 @@ def run_one(key: str, trainer: dict, model_path: str, steps: int, seqs: int, sto
     from raylign.orchestrator.trainer_group import TrainerGroup
     from raylign.types import TrainBatch
 
-    cfg = TrainerConfig(**trainer, lr=1e-5, bf16=False, micro_batch_tokens=4096, num_cpus_per_worker=1)
+    cfg = TrainerConfig(**trainer, lr=1e-5, bf16=BF16, micro_batch_tokens=4096, num_cpus_per_worker=1)
     started = time.monotonic()
-    group = TrainerGroup(model_path, ModelConfig(name=model_path, dtype="float32"), cfg, seed=0,
+    group = TrainerGroup(model_path, ModelConfig(name=model_path, dtype=DTYPE), cfg, seed=0,
                          storage_dir=storage, total_steps=steps)
     start_s = time.monotonic() - started
     try:
@@ -106,10 +111,10 @@ def planned_mb(trainer: dict, seqs: int) -> float:
     from raylign.memory_plan import model_shape, plan, read_config_json
 
     tokens = max(64, seqs * 128 // trainer["num_workers"])
-    cfg = load_config(overrides=["model.dtype=float32", "trainer.bf16=false", f"trainer.micro_batch_tokens={tokens}",
+    cfg = load_config(overrides=[f"model.dtype={DTYPE}", f"trainer.bf16={BF16}", f"trainer.micro_batch_tokens={tokens}",
                                  "algorithm.kl_beta=0"], environ={})
     cfg = cfg.model_copy(update={"trainer": type(cfg.trainer).model_validate(
-        {**cfg.trainer.model_dump(), **trainer, "bf16": False, "micro_batch_tokens": tokens})})
+        {**cfg.trainer.model_dump(), **trainer, "bf16": BF16, "micro_batch_tokens": tokens})})
     result = plan(cfg, model_shape(read_config_json(cfg.model)))
     [role] = [r for r in result.roles if r.name.startswith("trainer")]
     return role.total("CPU") / 2**20
@@ -142,7 +147,7 @@ def plot(results: dict, path: Path) -> None:
     b.set_ylabel("train step (s)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=70, labelsize=8)
-    fig.suptitle("SmolLM2-135M on CPU (fp32): trainer backends, LoRA, 1 vs 2 workers")
+    fig.suptitle(f"SmolLM2-135M on CPU ({DTYPE}): trainer backends, LoRA, 1 vs 2 workers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -160,7 +165,8 @@ def main() -> None:
 
     model_path = resolve_model(ModelConfig(name="smollm2-135m-instruct"))
     path = OUT / "scale_memory.json"
-    previous = json.loads(path.read_text()).get("results", {}) if path.exists() else {}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    previous = saved.get("results", {}) if saved.get("dtype") == DTYPE else {}  # never mix dtypes in one table
     results = dict(previous)
     chosen = {k: v for k, v in configurations().items() if not args.only or k in args.only}
     with ray_cluster(RayConfig(num_cpus=8)), tempfile.TemporaryDirectory() as storage:
@@ -168,7 +174,7 @@ def main() -> None:
             print(f"== {key}", flush=True)
             results[key] = run_one(key, trainer, model_path, args.steps, args.seqs, storage)
             print(json.dumps(results[key]), flush=True)
-            path.write_text(json.dumps({"model": "smollm2-135m-instruct", "dtype": "float32", "steps": args.steps,
+            path.write_text(json.dumps({"model": "smollm2-135m-instruct", "dtype": DTYPE, "steps": args.steps,
                                         "seqs": args.seqs, "results": results, "targets": targets(results)},
                                        indent=2))
     plot(results, OUT / "scale_memory.png")

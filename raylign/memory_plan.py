@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from raylign.config import Config, TrainerConfig
+from raylign.trainer_config import zero_buckets
 from raylign.model_shape import (  # noqa: F401 - re-exported: the plan's callers read shapes from here too
     Shape, block_params, linear_weights, lora_params, model_shape, projections, read_config_json, root_params,
     total_params,
@@ -25,8 +26,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # NF4 as raylign.actors.lora.load_4bit asks for it (blocksize 64, double quantisation): 4 bits a weight, an 8-bit
 # absmax per 64 weights and an fp32 scale per 256 of those.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-# DeepSpeed's default zero_optimization.reduce_bucket_size (elements); trainer.deepspeed.config may set another.
-DS_REDUCE_BUCKET = 500_000_000
+# DeepSpeed's default stage3_max_live_parameters and stage3_max_reuse_distance (elements): a model smaller than this
+# stays gathered from its forward through its backward.
+DS_MAX_LIVE = 1_000_000_000
+# Stage 0 all-reduces through the engine's fixed bucket (deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE, elements).
+DS_ALLREDUCE = 500_000_000
 # The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks); the engine starts with the smallest >= r.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -94,6 +98,7 @@ class _Model:
     p_nf4: int  # base weights stored in NF4 (QLoRA), else 0
     block: int
     root: int
+    hidden: int
     n: int
     bf16: bool
     device: str  # "GPU" or "CPU"
@@ -133,14 +138,14 @@ def _deepspeed_terms(m: _Model, cfg: TrainerConfig) -> list[Term]:
     """Stage 0 is raylign's plain path (fp32 weights, client AdamW, autocast); stages 1-3 are DeepSpeed's ZeRO
     optimizer with bf16 weights and grad_accum_dtype fp32 (deepspeed_backend.deepspeed_config)."""
     ds = cfg.deepspeed
-    bucket = _reduce_bucket(cfg)
+    bucket = _zero(cfg, m.hidden)["reduce_bucket_size"] if ds.zero_stage else 0
     if ds.zero_stage == 0:
         weights, formula = m.stored(4)
         terms = [Term("fp32 weights", formula, weights, m.device)]
         if m.bf16:
             terms.append(Term("bf16 autocast weight cache", "2*Pt", 2 * m.p_train, m.device))
         return terms + [Term("fp32 gradients", "4*Pt", 4 * m.p_train, m.device),
-                        Term("allreduce bucket", "4*min(Pt,K)", 4 * min(m.p_train, bucket), m.device),
+                        Term("allreduce bucket", "4*min(Pt,5e8)", 4 * min(m.p_train, DS_ALLREDUCE), m.device),
                         Term("AdamW state", "8*Pt", 8 * m.p_train, m.device)]
     opt_mem = "CPU" if ds.offload_optimizer else m.device
     dense, dtype = (2, "bf16") if m.bf16 else (4, "fp32")  # the engine casts the module to bf16
@@ -149,8 +154,10 @@ def _deepspeed_terms(m: _Model, cfg: TrainerConfig) -> list[Term]:
     terms = [Term(f"{dtype} weights" + (", partitioned" if sharded else ""), f"({formula})/N" if sharded else formula,
                   weights / (m.n if sharded else 1), "CPU" if ds.offload_params else m.device)]
     if sharded:
-        terms.append(Term("ZeRO-3 gathered working set: 2 blocks + root", f"{dense}*(2*B+R)",
-                          dense * min(m.p_module, 2 * m.block + m.root), m.device))
+        zero = _zero(cfg, m.hidden)
+        live = min(zero.get("stage3_max_live_parameters", DS_MAX_LIVE), zero.get("stage3_max_reuse_distance", DS_MAX_LIVE))
+        terms.append(Term("ZeRO-3 gathered working set", f"{dense}*min(Pm,max(2*B+R,Z))",
+                          dense * min(m.p_module, max(2 * m.block + m.root, live)), m.device))
     # bf16 at stage 1 without offload runs DeepSpeed's BF16_Optimizer: fp32 gradients accumulate at full size
     whole = m.bf16 and ds.zero_stage == 1 and not ds.offload_optimizer
     accumulate = Term("fp32 gradient accumulation" + ("" if whole else ", partitioned"), "4*Pt" if whole else "4*Pt/N",
@@ -161,8 +168,9 @@ def _deepspeed_terms(m: _Model, cfg: TrainerConfig) -> list[Term]:
                     Term("AdamW state, partitioned", "8*Pt/N", 8 * m.p_train / m.n, opt_mem)]
 
 
-def _reduce_bucket(cfg: TrainerConfig) -> int:
-    return int(cfg.deepspeed.config.get("zero_optimization", {}).get("reduce_bucket_size", DS_REDUCE_BUCKET))
+def _zero(cfg: TrainerConfig, hidden: int) -> dict:
+    """ZeRO's buffer sizes as the engine gets them: raylign's from the hidden size, the passthrough's over them."""
+    return {**zero_buckets(cfg.deepspeed.zero_stage, hidden), **cfg.deepspeed.config.get("zero_optimization", {})}
 
 
 # trainer.backend -> the terms of one trained model's weights, gradients and optimizer state.
@@ -202,14 +210,15 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     """Bytes per trainer worker, generator replica and reference actor. Symbols: N = trainer.num_workers,
     P = total_params(shape), Pl = LoRA params, Pv = value head (H+1, PPO critic=value_head), Pm = P + Pl + Pv (the
     policy module), Pt = trainable (Pl + Pv with LoRA, else Pm), Pq = block projection weights (NF4 with QLoRA,
-    else 0), B = block_params, R = root_params, K = DeepSpeed's reduce bucket (elements), T =
+    else 0), B = block_params, R = root_params, K = ZeRO's reduce bucket (H^2 elements unless
+    trainer.deepspeed.config sets it), Z = min(stage3_max_live_parameters, stage3_max_reuse_distance) (1e9), T =
     trainer.micro_batch_tokens, H, L, V from the shape.
 
     Trainer worker = model state (by trainer.backend) + reference + separate critic + activations + overhead:
       fsdp2:       4Pm/N fp32 + 2(2B+R) bf16 gathered (2Pm with N=1: kept whole) + 4Pt/N grads + 8Pt/N AdamW
       ddp:         4Pm fp32 + 2Pt autocast cache + 4Pt grads + 4Pt DDP buckets + 8Pt AdamW
-      ZeRO-0:      4Pm fp32 + 2Pt autocast cache + 4Pt grads + 4min(Pt,K) allreduce bucket + 8Pt AdamW
-      ZeRO-1/2/3:  2Pm bf16 weights (/N and + 2(2B+R) gathered at stage 3; CPU with offload_params)
+      ZeRO-0:      4Pm fp32 + 2Pt autocast cache + 4Pt grads + 4min(Pt,5e8) allreduce bucket + 8Pt AdamW
+      ZeRO-1/2/3:  2Pm bf16 weights (/N and + 2min(Pm,max(2B+R,Z)) gathered at stage 3; CPU with offload_params)
                    + 4Pt/N fp32 master + 2min(Pt,K) bf16 reduce bucket + 4Pt/N fp32 grad accumulation (4Pt at
                    stage 1 without offload: BF16_Optimizer) + 8Pt/N AdamW; master, accumulation and AdamW move to
                    CPU with offload_optimizer on GPU; bf16=false: 4 B weights and bucket
@@ -227,7 +236,7 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     p, critic = total_params(shape), algo.critic(cfg.algorithm)
     p_lora = lora_params(shape, t.lora.r, t.lora.target_modules) if t.lora.enabled else 0
     p_head = shape.hidden + 1 if critic == "value_head" else 0
-    common = dict(block=block_params(shape), root=root_params(shape), n=t.num_workers, bf16=t.bf16, device=device)
+    common = dict(block=block_params(shape), root=root_params(shape), hidden=shape.hidden, n=t.num_workers, bf16=t.bf16, device=device)
     policy = _Model(p_module=p + p_lora + p_head, p_train=(p_lora + p_head) if t.lora.enabled else p + p_head,
                     p_nf4=linear_weights(shape) if t.lora.quantize == "4bit" else 0, **common)
     terms = STATE_TERMS[t.backend](policy, t)
@@ -246,7 +255,7 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     if needs_ref and t.ref_model == "actor":
         roles.append(Role("reference actor", 1, (reference, *_overhead("trainer", device))))
     symbols = {"P": p, "Pl": p_lora, "Pm": policy.p_module, "Pt": policy.p_train, "Pq": policy.p_nf4, "Pc": p_critic,
-               "B": common["block"], "R": common["root"], "K": _reduce_bucket(t) if t.backend == "deepspeed" else 0,
+               "B": common["block"], "R": common["root"], "K": _zero(t, shape.hidden).get("reduce_bucket_size", 0) if t.backend == "deepspeed" else 0,
                "N": t.num_workers, "T": t.micro_batch_tokens, "H": shape.hidden, "L": shape.layers, "V": shape.vocab}
     return Plan(title=_title(cfg, shape, p, policy.p_train), roles=tuple(roles),
                 symbols={k: v for k, v in symbols.items() if v}, notes=tuple(_notes(cfg, roles[1].count)))

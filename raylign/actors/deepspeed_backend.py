@@ -34,14 +34,16 @@ from torch import nn
 from raylign.actors.value_head import VALUE_HEAD, take_values
 from raylign.actors.trainable import GroupsFn, LrLambda, Trainable, adamw, trainable_named
 from raylign.config import TrainerConfig
+from raylign.trainer_config import zero_buckets
 
 SYNC_BUCKET_BYTES = 256 * 2**20  # ZeRO-3: parameters gathered at once when reading full weights
 
 
-def deepspeed_config(cfg: TrainerConfig) -> dict:
-    """The DeepSpeed JSON for a trainer config: raylign's keys, then ``trainer.deepspeed.config`` merged over."""
+def deepspeed_config(cfg: TrainerConfig, hidden: int) -> dict:
+    """The DeepSpeed JSON for a trainer config and a model of hidden size ``hidden``: raylign's keys, then
+    ``trainer.deepspeed.config`` merged over (a bucket size set there wins)."""
     ds = cfg.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
+    zero: dict = {"stage": ds.zero_stage, **zero_buckets(ds.zero_stage, hidden)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     if ds.offload_params:
@@ -277,11 +279,16 @@ def wrap(model: nn.Module, cfg: TrainerConfig, groups_fn: GroupsFn, lr_lambda: L
     else:
         optimizer, scheduler = adamw(groups, cfg, lr_lambda)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, _hidden_size(model)),
         dist_init_required=False)
     trainable = DeepSpeedTrainable(engine, ds_optimizer, ds_scheduler or scheduler, cfg, group_names)
     _create_optimizer_state(trainable)
     return trainable
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config  # a peft wrapper forwards .config to the base model's
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
 
 
 def _create_optimizer_state(t: DeepSpeedTrainable) -> None:

@@ -17,6 +17,7 @@ policy with its adapter disabled, run in lockstep like the policy. Forwards use 
 
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import ExitStack, nullcontext
 import random
@@ -141,6 +142,7 @@ class TrainerWorker:
                          SaveWeights: self.save_weights, SendWeights: self.send_weights,
                          SaveCheckpoint: self.save_checkpoint, LoadCheckpoint: self.load_checkpoint,
                          ExportHF: self.export_hf}
+        return_freed_memory()  # the full fp32 copy each rank loaded, before the backend sharded it
 
     def _lr_lambda(self, step: int) -> float:
         return lr_multiplier(step, self.cfg.lr_schedule, self.cfg.warmup_steps, self.spec.total_steps)
@@ -321,10 +323,27 @@ class TrainerWorker:
             if handler is None:
                 raise TypeError(f"unknown trainer command {type(cmd).__name__}")
             value = handler(cmd)
+            if isinstance(cmd, COPIES_MODEL):
+                return_freed_memory()
         except Exception as e:  # the driver re-raises it; this loop keeps serving
             return Reply(cmd_id, self.rank, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                          seconds=time.perf_counter() - started)
         return Reply(cmd_id, self.rank, True, value, seconds=time.perf_counter() - started)
+
+
+# Commands that build a whole-model copy (weights, checkpoint state) on a rank and free it when done.
+COPIES_MODEL = (SaveWeights, SendWeights, ExportHF, SaveCheckpoint, LoadCheckpoint)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc ``malloc_trim``; a no-op elsewhere). glibc keeps freed
+    heap pages for reuse, so a full model copy freed after sharding or after a sync stays in the worker's RSS:
+    measured on SmolLM2-135M fp32 ZeRO-3, 2 workers, 620 MB per rank returned right after ``deepspeed.initialize``.
+    (MALLOC_MMAP_THRESHOLD_ does it for every allocation but made the CPU train step 3x slower.)"""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reads(probe: tuple[str, str] | None) -> bool:

@@ -68,3 +68,18 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     assert canary and all(0 <= m.value <= 0.15 for m in canary)
     rows = [json.loads(line) for line in (tmp_path / "runs/mn/rollouts.jsonl").read_text().splitlines()]
     assert {r["policy_version"] for r in rows if r["step"] == 2} == {1}
+
+    # The run's checkpoint resumes in a fresh cluster: a new local Ray cluster (other node ids, no node_a/b/c
+    # resources) takes it from its output_dir and trains step 3 on top of the two steps trained across nodes.
+    fresh_env = {k: v for k, v in three_nodes["env"].items() if k != "RAY_ADDRESS"}
+    resumed = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *CLI_GRPO, "output_dir=runs/mn",
+                              "train.eval_before=false", "--resume"], cwd=tmp_path, env=fresh_env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((tmp_path / "runs/mn/summary.json").read_text())
+    assert after["steps"] == 3 and after["policy_version"] == 3 and after["mlflow_run_id"] == run_id
+    assert after["weight_sync"]["trainer_node"] != layout["trainer_node"]  # another cluster's node
+    rows = [json.loads(line) for line in (tmp_path / "runs/mn/rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3]
+    assert {r["policy_version"] for r in rows if r["step"] == 3} == {2}
+    assert [m.step for m in client.get_metric_history(run_id, "sync/replicas_ray")][:2] == [1, 2]

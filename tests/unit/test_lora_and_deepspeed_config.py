@@ -65,14 +65,21 @@ def test_deepspeed_json_from_the_trainer_config():
     cfg = TrainerConfig(backend="deepspeed", max_grad_norm=0.5,
                         deepspeed={"zero_stage": 3, "offload_params": True,
                                    "config": {"zero_optimization": {"reduce_bucket_size": 1000}}})
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, hidden=64)
+    # the passthrough's bucket wins over the one sized from the hidden size; the others are 0.9 H^2 and 10 H
     assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
-                                       "reduce_bucket_size": 1000}
+                                       "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 3686,
+                                       "stage3_param_persistence_threshold": 640,
+                                       "stage3_max_live_parameters": 24 * 64 * 64,
+                                       "stage3_max_reuse_distance": 24 * 64 * 64}
+    zero2 = deepspeed_config(TrainerConfig(backend="deepspeed"), hidden=576)["zero_optimization"]
+    assert zero2 == {"stage": 2, "reduce_bucket_size": 576 * 576, "allgather_bucket_size": 576 * 576}
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["gradient_accumulation_steps"] == 1 and ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    zero0 = deepspeed_config(TrainerConfig(backend="deepspeed", deepspeed={"zero_stage": 0}))
+    zero0 = deepspeed_config(TrainerConfig(backend="deepspeed", deepspeed={"zero_stage": 0}), hidden=64)
     # stage 0: fp32 parameters under autocast and the plain optimizer, clipped by raylign
     assert zero0["bf16"] == {"enabled": False} and zero0["gradient_clipping"] == 0.0 and "data_types" not in zero0
+    assert zero0["zero_optimization"] == {"stage": 0}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -120,12 +120,17 @@ def test_zero_stages_shard_in_order():
     for stage in (1, 2, 3):
         assert state[stage]["AdamW state, partitioned"] == 8 * P / N
         assert state[stage]["fp32 master weights, partitioned"] == 4 * P / N
-        assert state[stage]["bf16 gradients in the reduce bucket"] == 2 * P
+        assert state[stage]["bf16 gradients in the reduce bucket"] == 2 * 576 * 576  # K = H^2, not DeepSpeed's 5e8
     assert state[1]["fp32 gradient accumulation"] == 4 * P  # BF16_Optimizer accumulates at full size
     assert state[2]["fp32 gradient accumulation, partitioned"] == 4 * P / N
     # ZeRO-1 -> 2 halves the fp32 accumulation; 2 -> 3 the bf16 weights, less the gathered working set
     assert totals[1] - totals[2] == 2 * P
-    assert totals[2] - totals[3] == P - state[3]["ZeRO-3 gathered working set: 2 blocks + root"]
+    gathered = state[3]["ZeRO-3 gathered working set"]  # 2 blocks + root: bigger than Z = 24 H^2 for SmolLM2
+    assert totals[2] - totals[3] == P - gathered and gathered == 2 * (2 * block_params(SMOLLM2) + root_params(SMOLLM2))
+    whole = _terms(plan(_cfg("trainer.backend=deepspeed", "trainer.deepspeed.zero_stage=3", "trainer.deepspeed.config="
+                             "{zero_optimization: {stage3_max_live_parameters: 1000000000, stage3_max_reuse_distance: 1000000000}}"),
+                         SMOLLM2))
+    assert whole["ZeRO-3 gathered working set"] == 2 * P  # DeepSpeed's default Z keeps all of a small model
     small = _terms(plan(_cfg("trainer.backend=deepspeed", "trainer.deepspeed.config={zero_optimization: "
                              "{reduce_bucket_size: 1000000}}"), SMOLLM2))
     assert small["bf16 gradients in the reduce bucket"] == 2 * 1_000_000
