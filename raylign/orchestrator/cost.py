@@ -38,10 +38,16 @@ def merged_counters(driver: dict[str, float], services: dict[str, float], saved:
     return out
 
 
+# Roles every run has; the others (reference, reward, judge) are listed only when one of their phases ran.
+ALWAYS = ("generators", "trainer")
+
+
 def role_seconds(timing: dict[str, float], search_s: float) -> dict[str, dict[str, float]]:
-    """{role: {busy_s, idle_s}} from seconds per phase (no ``timing/`` prefix), over their sum."""
+    """{role: {busy_s, idle_s}} from seconds per phase (no ``timing/`` prefix), over their sum. A run without a
+    judge, reference or reward phase lists no such role."""
     total = sum(timing.values())
-    busy = {role: sum(timing.get(p, 0.0) for p in phases) for role, phases in ROLE_PHASES.items()}
+    busy = {role: sum(timing.get(p, 0.0) for p in phases) for role, phases in ROLE_PHASES.items()
+            if role in ALWAYS or any(p in timing for p in phases)}
     if search_s:
         busy["generators"] = max(0.0, busy["generators"] - search_s)
         busy["retriever"] = search_s
@@ -52,6 +58,8 @@ def cost_summary(timing: dict[str, float], counters: dict[str, float]) -> dict:
     """The summary's ``cost`` section: tokens per purpose, tokens trained, seconds and tokens/s per role."""
     roles = role_seconds(timing, counters.get("search_s", 0.0))
     for role, keys in ROLE_TOKENS.items():
+        if role not in roles:
+            continue
         tokens = sum(counters.get(k, 0.0) for k in keys)
         busy = roles[role]["busy_s"]
         roles[role]["tokens_per_s"] = tokens / busy if busy > 0 else 0.0

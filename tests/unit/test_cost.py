@@ -14,6 +14,9 @@ def test_role_seconds_busy_and_idle_over_the_whole_run():
     assert roles["trainer"] == {"busy_s": 37.0, "idle_s": 63.0}  # train + sync + checkpoint
     assert roles["reference"] == {"busy_s": 3.0, "idle_s": 97.0}
     assert roles["reward"] == {"busy_s": 4.0, "idle_s": 96.0}
+    assert "judge" not in roles  # no judge phase ran: no judge role in the summary or the report
+    sft = role_seconds({"train": 9.0, "checkpoint": 1.0}, search_s=0.0)
+    assert set(sft) == {"generators", "trainer"} and sft["generators"] == {"busy_s": 0.0, "idle_s": 10.0}
     assert "retriever" not in roles
 
 

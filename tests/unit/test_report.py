@@ -157,10 +157,11 @@ def test_cost_section_lists_tokens_and_roles(tmp_path):
 
     folder = write_run(tmp_path / "run")
     summary = json.loads((folder / "summary.json").read_text())
-    summary["cost"] = cost_summary({"generate": 20.0, "train": 30.0, "overhead": 50.0},
+    summary["cost"] = cost_summary({"generate": 20.0, "score": 5.0, "train": 30.0, "overhead": 45.0},
                                    {"tokens_generated": 500.0, "tokens_trained": 900.0})
     (folder / "summary.json").write_text(json.dumps(summary))
     text = write_report([folder]).read_text()
     assert "<tr><th>rollouts</th><td>500</td></tr>" in text and "<tr><th>trained</th><td>900</td></tr>" in text
     assert "<tr><td>generators</td><td>20.0</td><td>80.0</td><td>25.0</td></tr>" in text
-    assert "<tr><td>reward</td><td>0.0</td><td>100.0</td><td></td></tr>" in text
+    assert "<tr><td>reward</td><td>5.0</td><td>95.0</td><td></td></tr>" in text
+    assert "<tr><td>judge</td>" not in text and "<tr><td>reference</td>" not in text  # neither ran
