@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from raylign.config import Config, TrainerConfig
-from raylign.trainer_config import zero_buckets
 from raylign.model_shape import (  # noqa: F401 - re-exported: the plan's callers read shapes from here too
     Shape, block_params, linear_weights, lora_params, model_shape, projections, read_config_json, root_params,
     total_params,
 )
+from raylign.trainer_config import zero_buckets
 
 GiB, MiB = 2**30, 2**20
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -138,7 +138,6 @@ def _deepspeed_terms(m: _Model, cfg: TrainerConfig) -> list[Term]:
     """Stage 0 is raylign's plain path (fp32 weights, client AdamW, autocast); stages 1-3 are DeepSpeed's ZeRO
     optimizer with bf16 weights and grad_accum_dtype fp32 (deepspeed_backend.deepspeed_config)."""
     ds = cfg.deepspeed
-    bucket = _zero(cfg, m.hidden)["reduce_bucket_size"] if ds.zero_stage else 0
     if ds.zero_stage == 0:
         weights, formula = m.stored(4)
         terms = [Term("fp32 weights", formula, weights, m.device)]
@@ -151,10 +150,11 @@ def _deepspeed_terms(m: _Model, cfg: TrainerConfig) -> list[Term]:
     dense, dtype = (2, "bf16") if m.bf16 else (4, "fp32")  # the engine casts the module to bf16
     weights, formula = m.stored(dense)
     sharded = ds.zero_stage == 3
+    zero = _zero(cfg, m.hidden)
+    bucket = zero["reduce_bucket_size"]
     terms = [Term(f"{dtype} weights" + (", partitioned" if sharded else ""), f"({formula})/N" if sharded else formula,
                   weights / (m.n if sharded else 1), "CPU" if ds.offload_params else m.device)]
     if sharded:
-        zero = _zero(cfg, m.hidden)
         live = min(zero.get("stage3_max_live_parameters", DS_MAX_LIVE), zero.get("stage3_max_reuse_distance", DS_MAX_LIVE))
         terms.append(Term("ZeRO-3 gathered working set", f"{dense}*min(Pm,max(2*B+R,Z))",
                           dense * min(m.p_module, max(2 * m.block + m.root, live)), m.device))
@@ -236,7 +236,8 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     p, critic = total_params(shape), algo.critic(cfg.algorithm)
     p_lora = lora_params(shape, t.lora.r, t.lora.target_modules) if t.lora.enabled else 0
     p_head = shape.hidden + 1 if critic == "value_head" else 0
-    common = dict(block=block_params(shape), root=root_params(shape), hidden=shape.hidden, n=t.num_workers, bf16=t.bf16, device=device)
+    common = dict(block=block_params(shape), root=root_params(shape), hidden=shape.hidden, n=t.num_workers,
+                  bf16=t.bf16, device=device)
     policy = _Model(p_module=p + p_lora + p_head, p_train=(p_lora + p_head) if t.lora.enabled else p + p_head,
                     p_nf4=linear_weights(shape) if t.lora.quantize == "4bit" else 0, **common)
     terms = STATE_TERMS[t.backend](policy, t)
@@ -255,7 +256,8 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     if needs_ref and t.ref_model == "actor":
         roles.append(Role("reference actor", 1, (reference, *_overhead("trainer", device))))
     symbols = {"P": p, "Pl": p_lora, "Pm": policy.p_module, "Pt": policy.p_train, "Pq": policy.p_nf4, "Pc": p_critic,
-               "B": common["block"], "R": common["root"], "K": _zero(t, shape.hidden).get("reduce_bucket_size", 0) if t.backend == "deepspeed" else 0,
+               "B": common["block"], "R": common["root"], "K": _zero(t, shape.hidden).get("reduce_bucket_size", 0)
+               if t.backend == "deepspeed" else 0,
                "N": t.num_workers, "T": t.micro_batch_tokens, "H": shape.hidden, "L": shape.layers, "V": shape.vocab}
     return Plan(title=_title(cfg, shape, p, policy.p_train), roles=tuple(roles),
                 symbols={k: v for k, v in symbols.items() if v}, notes=tuple(_notes(cfg, roles[1].count)))
