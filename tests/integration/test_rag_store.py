@@ -123,7 +123,11 @@ def test_retriever_pool_matches_the_store(ray_session, synthetic):
         got, want = pool.search(queries, 5, method), store.search(queries, 5, method)
         assert len(got) == 61
         assert [[h.chunk_id for h in hs] for hs in got] == [[h.chunk_id for h in hs] for hs in want]
-        assert [h.score for hs in got for h in hs] == pytest.approx([h.score for hs in want for h in hs], abs=1e-5)
+        # Hybrid min-max-normalises each candidate list, so a dense candidate at the tail that differs in the last
+        # float bits between processes (the actor's torch runs 1 thread, the driver's all cores; CI's 8-core
+        # machine showed it) moves a query's fused scores by up to ~2e-3 while the ranking stays the same.
+        tol = 1e-2 if method == "hybrid" else 1e-5
+        assert [h.score for hs in got for h in hs] == pytest.approx([h.score for hs in want for h in hs], abs=tol)
     assert pool(queries[:3], 2) == [hs[:2] for hs in pool.search(queries[:3], 2)]
     assert pool.search([], 5) == []
     pool.shutdown()
