@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct, each variant from its preset (configs/<variant>_arith.yam
 ``normalize_std=false loss_agg=fixed``) with the same seed, task, batch (6 prompts x 8 samples), learning rate
 and training wall-clock budget (``--budget-s``, evals not counted). Held-out greedy accuracy on the same
 problems every ``--eval-every`` steps. Each variant runs in a fresh process with its own local Ray cluster.
-Without a GPU the model trains and generates in float32 (``model.dtype=float32 trainer.bf16=false``: CPU bf16
-is slow here). Writes benchmarks/results/pg_variants.json (per variant: ``accuracy_curve`` against steps and
+On a CPU without AVX512-BF16 or AMX the model trains and generates in float32 (``_parts.FP32_IF_NO_BF16``:
+bf16 is slow there). Writes benchmarks/results/pg_variants.json (per variant: ``accuracy_curve`` against steps and
 seconds, ``best_accuracy``, ``seconds_per_step``) and pg_variants.png.
 """
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parts import run_part  # noqa: E402
+from _parts import FP32_IF_NO_BF16, run_part  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,7 +46,7 @@ def _settings() -> dict:
 def _device_overrides() -> list[str]:
     import torch
 
-    return [] if torch.cuda.is_available() else ["model.dtype=float32", "trainer.bf16=false"]
+    return [] if torch.cuda.is_available() else FP32_IF_NO_BF16
 
 
 def part(name: str) -> dict:
