@@ -114,6 +114,10 @@ def _export(args: argparse.Namespace) -> int:
     from raylign.export import export_run
 
     kind = "adapter" if args.adapter else "merged"
+    if args.out is None and "://" in args.run_dir:
+        print(f"raylign export: {args.run_dir} is a storage URI; name a local folder to write with --out",
+              file=sys.stderr)
+        return 2
     out = export_run(args.run_dir, args.out or Path(args.run_dir) / f"export-{kind}", adapter=args.adapter)
     print(f"wrote the {kind} model to {out}")
     return 0
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.backend=deepspeed")
     p.set_defaults(fn=_plan)
     p = sub.add_parser("export", help="write a run's trained policy as an HF folder (LoRA merged) or a peft adapter")
-    p.add_argument("run_dir", help="a raylign train output_dir (reads its latest checkpoint)")
+    p.add_argument("run_dir", help="a raylign train output_dir, or its train.storage location (reads its latest checkpoint)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--merge", action="store_true", help="a plain HF folder, adapters folded in (the default)")
     kind.add_argument("--adapter", action="store_true", help="the peft adapter folder alone (LoRA runs)")

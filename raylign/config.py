@@ -143,7 +143,8 @@ class TrainConfig(_Section):
     eval_limit: int | None = Field(100, ge=0, description="held-out problems per eval (None = all; 0 only with both evals off)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every K steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed)")
-    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in output_dir")
+    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the latest checkpoint in the run's storage")
+    storage: str | None = Field(None, description="checkpoints, base-policy snapshot and final model go here: a folder every trainer node sees, or a URI (s3://bucket/prefix, gs://..., file://...); None: output_dir")
     report: bool = Field(True, description="write the HTML report (output_dir/report/index.html) at the end and log it to MLflow")
 
 
@@ -227,6 +228,10 @@ class Config(_Section):
             self.output_dir = f"runs/{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return Path(self.output_dir)
 
+    def storage_root(self) -> str:
+        """Where the run's checkpoints, base snapshot and final model live (``raylign.storage`` location)."""
+        return self.train.storage or str(self.resolved_output_dir())
+
     def absolutized(self, cwd: str | Path | None = None) -> Config:
         """A copy whose path fields are absolute (relative ones resolved against ``cwd``, default the driver's).
 
@@ -249,6 +254,8 @@ class Config(_Section):
                                    or (base / Path(text).expanduser()).exists())
 
         out.output_dir = absolute(out.output_dir)
+        if out.train.storage and "://" not in out.train.storage.partition("?")[0]:  # a URI stays as it is
+            out.train.storage = absolute(out.train.storage)
         out.trainer.weights_dir = absolute(out.trainer.weights_dir)
         out.rag.index_dir = absolute(out.rag.index_dir)
         if out.model.cache_dir:

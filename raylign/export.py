@@ -1,6 +1,7 @@
 """``raylign export RUN_DIR``: a run's trained policy as a plain Hugging Face folder (``--merge``, the default)
 or, for a LoRA run, as a peft adapter folder (``--adapter``). Reads the run's latest complete checkpoint
-(its fp32 trainer weights and the config it recorded), on this machine, without Ray or the trainer.
+(its fp32 trainer weights and the config it recorded), on this machine, without Ray or the trainer. RUN_DIR is
+the run's output_dir, or its ``train.storage`` location when it had one (a folder or an s3:// / gs:// URI).
 Both outputs load in transformers and vLLM (the adapter through ``LoRARequest`` or ``PeftModel``)."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
+from raylign import storage
 from raylign.actors.lora import adapter_state, is_peft_state, merged_hf_state, peft_config_dict, write_adapter
 from raylign.actors.trainer_checkpoint import MODEL_FILE, atomic_save, write_hf_folder
 from raylign.actors.value_head import drop_value_head
@@ -24,16 +26,18 @@ class ExportError(ValueError):
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, adapter: bool = False) -> Path:
-    run, out = Path(run_dir), Path(out_dir)
-    ckpt = latest_checkpoint(run / "checkpoints")
+    run, out = str(run_dir), Path(out_dir)
+    ckpt = latest_checkpoint(storage.join(run, "checkpoints"))
     if ckpt is None:
-        raise ExportError(f"{run}: no complete checkpoint under {run / 'checkpoints'} (is it a raylign run folder?)")
+        raise ExportError(f"{run}: no complete checkpoint under {storage.join(run, 'checkpoints')} "
+                          "(is it a raylign run folder or storage location?)")
     verify_checkpoint(ckpt)
     cfg = Config.model_validate(read_driver_state(ckpt)["config"])
     lora = cfg.trainer.lora
-    state = load_file(ckpt / MODEL_FILE)
+    weights = storage.join(ckpt, MODEL_FILE)
+    state = load(storage.read_bytes(weights))
     if lora.enabled != is_peft_state(state):
-        raise ExportError(f"{ckpt / MODEL_FILE}: its weights {'have' if is_peft_state(state) else 'lack'} LoRA "
+        raise ExportError(f"{weights}: its weights {'have' if is_peft_state(state) else 'lack'} LoRA "
                           f"adapters but the run's config says trainer.lora.enabled={lora.enabled}")
     model_path = resolve_model(cfg.model)
     if adapter:

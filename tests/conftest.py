@@ -8,6 +8,7 @@ own `--dist loadgroup` did not keep marked files together with pytest 9.2 here: 
 Without xdist these hooks only order the files.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,30 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False  # keep the collection order: longest first
     return FileUnits(config, log)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An S3 endpoint on this machine (moto's server: the S3 wire protocol over HTTP) with one empty bucket; yields
+    its pyarrow URI. The AWS variables it sets reach the actors of clusters started after it, and subprocesses."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="raylign-test", AWS_SECRET_ACCESS_KEY="raylign-test",
+                      AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="raylign-test")
+    yield f"s3://raylign-test?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

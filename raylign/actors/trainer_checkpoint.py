@@ -1,7 +1,9 @@
 """What the trainer workers write and read: synced weights, HF exports and the trainer's checkpoint part.
 
 Every function is collective (all ranks call it; gathers and broadcasts run over the process group) and
-only rank 0 touches the files, so a multi-node group needs no shared filesystem for writing.
+only rank 0 touches the files. Checkpoints and exports go to a storage location (``raylign.storage``): rank 0
+writes them on its own disk and uploads them when the location is remote (s3://, gs://), and fetches a local
+copy to load one, so a multi-node group needs no shared filesystem.
 - ``save_weights``: one safetensors file in model.dtype (what the generators run), HF names, without a tied lm_head (the generators re-tie it),
   written to a temp file in the same folder and ``os.replace``d, so a reader never sees half a file.
 - ``export_hf``: a plain HF folder (config, ``model.safetensors`` in model.dtype as save_pretrained writes it, i.e.
@@ -26,6 +28,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from raylign import storage
 from raylign.actors.lora import adapter_state, is_adapter, merged_hf_state, peft_config_dict, write_adapter
 from raylign.actors.trainable import Trainable
 from raylign.actors.value_head import drop_value_head
@@ -124,10 +128,13 @@ def save_adapter(wrapped: Trainable, lora: LoraConfig, model_path: str, out_dir:
 
 def export_hf(wrapped: Trainable, model_path: str, out_dir: str, rank: int, lora: LoraConfig | None = None,
               dtype: torch.dtype = torch.bfloat16) -> None:
+    """The policy as a plain HF folder at ``out_dir`` (a storage location: rank 0 writes it on its node and
+    uploads it when remote)."""
     state = hf_state(wrapped, lora or LoraConfig())
     if rank == 0:
-        write_hf_folder(state, model_path, Path(out_dir), getattr(wrapped.inner.config, "tie_word_embeddings", False),
-                        dtype)
+        with storage.staged(out_dir) as local:
+            write_hf_folder(state, model_path, Path(local), getattr(wrapped.inner.config, "tie_word_embeddings", False),
+                            dtype)
 
 
 def write_hf_folder(state: dict[str, torch.Tensor], model_path: str, out: Path, tied: bool,
@@ -225,7 +232,9 @@ def write_part(out: Path, files: PartFiles, model_state: dict, optim_state: dict
     _atomic_json(meta, out / files.optimizer_meta)
 
 
-def save_trainer_checkpoint(worker: TrainerState, out_dir: str) -> None:
+def save_trainer_checkpoint(worker: TrainerState, out_dir: str) -> dict[str, dict] | None:
+    """Write the trainer's files into ``out_dir`` (a storage location: staged on rank 0's node and uploaded when
+    remote); rank 0 returns {name: {bytes, sha256}} of what it wrote, for the manifest (None elsewhere)."""
     policy = worker.policy.gather_state(), worker.policy.gather_optimizer()
     separate = _separate_critic(worker)
     if separate:
@@ -233,15 +242,23 @@ def save_trainer_checkpoint(worker: TrainerState, out_dir: str) -> None:
     rngs = [None] * worker.world if worker.rank == 0 else None
     dist.gather_object(rng_to_json(rng_state()), rngs, dst=0)
     if worker.rank != 0:
-        return
-    out = Path(out_dir)
-    write_part(out, POLICY_FILES, *policy)
-    state = {"format_version": FORMAT_VERSION, "steps": worker.steps, "scheduler": worker.policy.scheduler.state_dict(),
-             "rng": rngs}
-    if separate:
-        write_part(out, CRITIC_FILES, *critic)
-        state["critic_scheduler"] = worker.critic.scheduler.state_dict()
-    _atomic_json(state, out / STATE_FILE)  # last, so a folder with it has the other files
+        return None
+    with storage.staged(out_dir) as local:
+        out = Path(local)
+        write_part(out, POLICY_FILES, *policy)
+        state = {"format_version": FORMAT_VERSION, "steps": worker.steps,
+                 "scheduler": worker.policy.scheduler.state_dict(), "rng": rngs}
+        if separate:
+            write_part(out, CRITIC_FILES, *critic)
+            state["critic_scheduler"] = worker.critic.scheduler.state_dict()
+        _atomic_json(state, out / STATE_FILE)  # last, so a folder with it has the other files
+        names = [*_part_names(POLICY_FILES), *(_part_names(CRITIC_FILES) if separate else []), STATE_FILE]
+        return {name: {"bytes": (out / name).stat().st_size, "sha256": storage.sha256(str(out / name))}
+                for name in names}
+
+
+def _part_names(files: PartFiles) -> list[str]:
+    return [files.model, files.optimizer, files.optimizer_meta]
 
 
 # --- load ----------------------------------------------------------------------------------------------
@@ -318,34 +335,45 @@ def _load_part(rank: int, wrapped: Trainable, src: Path, files: PartFiles, meta:
     wrapped.scatter_optimizer(optim_state)
 
 
-def _checked_on_rank0(src: Path) -> tuple[dict | str, dict]:
-    """(trainer state or the one-line reason it cannot be loaded, optimizer JSON per part)."""
+def _checked_on_rank0(src: Path, shown: str) -> tuple[dict | str, dict]:
+    """(trainer state or the one-line reason it cannot be loaded, optimizer JSON per part); messages name the
+    checkpoint as ``shown`` (its storage location), not the local copy."""
     try:
         return check_trainer_checkpoint(src)
     except ValueError as e:
-        return str(e), {}
+        return str(e).replace(str(src), shown), {}
     except Exception as e:  # anything else would leave the other ranks waiting in the broadcast
-        return f"trainer checkpoint {src} cannot be read: {type(e).__name__}: {e}", {}
+        return f"trainer checkpoint {shown} cannot be read: {type(e).__name__}: {e}", {}
 
 
 def load_trainer_checkpoint(worker: TrainerState, in_dir: str) -> None:
-    src = Path(in_dir)
-    # Rank 0 reads and checks every file's header; the others learn the outcome first, so a missing or
-    # broken file fails every rank before anyone enters the broadcasts below.
-    payload: list = [None]
-    metas: dict = {}
-    if worker.rank == 0:
-        state, metas = _checked_on_rank0(src)
-        payload = [state]
-    dist.broadcast_object_list(payload, src=0)
-    state = payload[0]
+    """Load the trainer's files from ``in_dir`` (a storage location; rank 0 fetches a local copy when remote)."""
+    with ExitStack() as stack:
+        # Rank 0 fetches, reads and checks every file's header; the others learn the outcome first, so a
+        # missing or broken file fails every rank before anyone enters the broadcasts below.
+        payload: list = [None]
+        metas: dict = {}
+        src = Path(in_dir)
+        if worker.rank == 0:
+            try:
+                src = Path(stack.enter_context(storage.fetched(in_dir)))
+            except Exception as e:
+                payload = [f"trainer checkpoint {in_dir} cannot be fetched: {type(e).__name__}: {e}"]
+            else:
+                state, metas = _checked_on_rank0(src, in_dir)
+                payload = [state]
+        dist.broadcast_object_list(payload, src=0)
+        _load_checked(worker, src, in_dir, payload[0], metas)
+
+
+def _load_checked(worker: TrainerState, src: Path, in_dir: str, state: dict | str, metas: dict) -> None:
     if isinstance(state, str):
         raise ValueError(state)
     if len(state["rng"]) != worker.world:
-        raise ValueError(f"trainer checkpoint {src} holds RNG states of {len(state['rng'])} workers, "
+        raise ValueError(f"trainer checkpoint {in_dir} holds RNG states of {len(state['rng'])} workers, "
                          f"this group has {worker.world}")
     if ("critic_scheduler" in state) != _separate_critic(worker):
-        raise ValueError(f"trainer checkpoint {src} {'has' if 'critic_scheduler' in state else 'lacks'} a "
+        raise ValueError(f"trainer checkpoint {in_dir} {'has' if 'critic_scheduler' in state else 'lacks'} a "
                          f"separate critic and this group {'does not' if 'critic_scheduler' in state else 'does'}")
     _load_part(worker.rank, worker.policy, src, POLICY_FILES, metas.get(POLICY_FILES.model))
     if "critic_scheduler" in state:

@@ -310,8 +310,8 @@ class TrainerWorker:
     def export_hf(self, cmd: ExportHF) -> None:
         ckpt.export_hf(self.policy, self.spec.model_path, cmd.dir, self.rank, self.cfg.lora, self.sync_dtype)
 
-    def save_checkpoint(self, cmd: SaveCheckpoint) -> None:
-        ckpt.save_trainer_checkpoint(self, cmd.dir)
+    def save_checkpoint(self, cmd: SaveCheckpoint) -> dict[str, dict] | None:
+        return ckpt.save_trainer_checkpoint(self, cmd.dir)
 
     def load_checkpoint(self, cmd: LoadCheckpoint) -> None:
         ckpt.load_trainer_checkpoint(self, cmd.dir)

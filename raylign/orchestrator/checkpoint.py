@@ -1,13 +1,17 @@
-"""Checkpoints: a folder per step, written under a temp name and renamed into place, and complete only with
-a ``manifest.json`` that lists every file's size and sha256, written last. A crash while writing leaves a temp
-folder that ``resume`` never picks up; a file lost, truncated or altered afterwards shows in the manifest.
+"""Checkpoints: a folder per step under the run's storage (``raylign.storage``: a local folder, NFS, or an
+s3:// / gs:// URI), complete only with a ``manifest.json`` that lists every file's size and sha256, written last.
+Object stores cannot rename a folder, so a step is written in place and the manifest marks it complete: a crash
+while writing leaves a folder without one, which ``resume`` never picks up; a file lost, truncated or altered
+afterwards shows in the manifest.
 
-Files of ``step-NNNNNN/``: the trainer's part (``raylign/actors/trainer_checkpoint.py``: fp32 weights and
-optimizer tensors in safetensors, optimizer param_groups, scheduler, step count and per-rank RNG states in
-JSON), ``driver_state.json`` (step, policy version, data position, algorithm state, MLflow run id) and
+Files of ``step-NNNNNN/``: the trainer's part (``raylign/actors/trainer_checkpoint.py``, written and uploaded by
+trainer rank 0 from its own node, which reports each file's size and sha256: fp32 weights and optimizer tensors
+in safetensors, optimizer param_groups, scheduler, step count and per-rank RNG states in JSON),
+``driver_state.json`` (step, policy version, data position, algorithm state, MLflow run id, the config) and
 ``manifest.json`` ({format_version, meta: {step, world_size, model, ...}, files: {name: {bytes, sha256}}}).
 Everything in it is safetensors or JSON, so reading a checkpoint runs no code. ``latest_checkpoint`` checks sizes only
-(cheap); ``verify_checkpoint`` hashes every file and is what a resume calls before loading.
+(cheap); ``verify_checkpoint`` hashes every file (streaming it from remote storage) and is what a resume calls
+before loading.
 """
 
 from __future__ import annotations
@@ -15,50 +19,38 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from raylign import storage
 
 DRIVER_STATE = "driver_state.json"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # of the manifest; bump when the checkpoint layout changes
-_CHUNK = 1 << 20  # hashing reads 1 MiB at a time: a 1 GB optimizer file never sits in memory whole
 # How a mismatch names a manifest field to the user: the config key that sets it.
 _CONFIG_KEYS = {"world_size": "trainer.num_workers", "model": "model.name"}
+
+Location = str | Path  # a local folder or a storage URI (raylign.storage)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, damaged or from another setup; the message is one line naming why."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, meta: dict) -> dict:
-    """List every file in ``folder`` with size and sha256 in ``manifest.json``; returns the manifest."""
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in _files(folder)}
-    manifest = {"format_version": FORMAT_VERSION, "meta": meta, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+def write_manifest(ckpt: Location, files: dict[str, dict], meta: dict) -> dict:
+    """Write ``manifest.json`` listing ``files`` ({name: {bytes, sha256}}) into ``ckpt``; returns the manifest."""
+    manifest = {"format_version": FORMAT_VERSION, "meta": meta, "files": dict(sorted(files.items()))}
+    storage.write_text(storage.join(str(ckpt), MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
 
-def read_manifest(ckpt: Path) -> dict:
+def read_manifest(ckpt: Location) -> dict:
     """The manifest of ``ckpt`` if it exists, parses and has this format version; else CheckpointError."""
-    path = ckpt / MANIFEST
-    if not path.is_file():
+    path = storage.join(str(ckpt), MANIFEST)
+    if storage.file_size(path) is None:
         raise CheckpointError(f"checkpoint {ckpt} has no {MANIFEST} (written by an older raylign or incomplete)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -70,23 +62,23 @@ def read_manifest(ckpt: Path) -> dict:
     return manifest
 
 
-def _file_problem(ckpt: Path, name: str, entry, hash_it: bool) -> str | None:
+def _file_problem(ckpt: Location, name: str, entry, hash_it: bool) -> str | None:
     """What is wrong with one listed file (None: nothing); hashing only when asked."""
     if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or Path(name).is_absolute() \
             or ".." in Path(name).parts:
         return f"{MANIFEST} has a malformed entry for {name}"
-    path = ckpt / name
-    if not path.is_file():
+    path = storage.join(str(ckpt), name)
+    size = storage.file_size(path)
+    if size is None:
         return f"{name} is missing"
-    size = path.stat().st_size
     if size != entry["bytes"]:
         return f"{name} has {size} bytes, the manifest lists {entry['bytes']} (truncated or rewritten)"
-    if hash_it and file_sha256(path) != entry.get("sha256"):
+    if hash_it and storage.sha256(path) != entry.get("sha256"):
         return f"{name} does not match its sha256 in the manifest (altered or corrupted)"
     return None
 
 
-def _is_complete(ckpt: Path) -> bool:
+def _is_complete(ckpt: str) -> bool:
     try:
         manifest = read_manifest(ckpt)
     except CheckpointError:
@@ -94,18 +86,30 @@ def _is_complete(ckpt: Path) -> bool:
     return all(_file_problem(ckpt, n, e, hash_it=False) is None for n, e in manifest["files"].items())
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
+def _step_dirs(root: Location) -> list[str]:
+    """Every ``step-N`` folder under ``root`` (complete or not), oldest first."""
+    names = [n for n in storage.list_dirs(str(root)) if n.startswith("step-") and n[5:].isdigit()]
+    return [storage.join(str(root), n) for n in sorted(names, key=lambda n: int(n[5:]))]
+
+
+def checkpoint_dirs(root: Location) -> list[str]:
     """Complete checkpoint folders under ``root`` (manifest present, listed files at their sizes), oldest first."""
-    done = [p for p in root.glob("step-*") if p.name[5:].isdigit() and _is_complete(p)] if root.exists() else []
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return [ckpt for ckpt in _step_dirs(root) if _is_complete(ckpt)]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def latest_checkpoint(root: Location) -> str | None:
     found = checkpoint_dirs(root)
     return found[-1] if found else None
 
 
-def _mismatch(ckpt: Path, field: str, saved, wanted) -> str:
+def newest_checkpoint(root: Location) -> str | None:
+    """The newest step folder with a manifest, complete or not: a damaged newest checkpoint is an error to
+    report (verify_checkpoint names the file), not a reason to fall back silently to an older one."""
+    found = [ckpt for ckpt in _step_dirs(root) if storage.file_size(storage.join(ckpt, MANIFEST)) is not None]
+    return found[-1] if found else None
+
+
+def _mismatch(ckpt: Location, field: str, saved, wanted) -> str:
     key = _CONFIG_KEYS.get(field, field)
     if field == "world_size":
         return (f"checkpoint {ckpt} was written by {saved} trainer workers ({key}={saved}); "
@@ -113,7 +117,7 @@ def _mismatch(ckpt: Path, field: str, saved, wanted) -> str:
     return f"checkpoint {ckpt} was written with {key}={saved!r}; this run has {key}={wanted!r}"
 
 
-def verify_checkpoint(ckpt: Path, expect: dict | None = None) -> dict:
+def verify_checkpoint(ckpt: Location, expect: dict | None = None) -> dict:
     """Hash every listed file and compare ``expect`` with the manifest's meta; the manifest, or CheckpointError."""
     manifest = read_manifest(ckpt)
     for name, entry in manifest["files"].items():
@@ -129,31 +133,30 @@ def verify_checkpoint(ckpt: Path, expect: dict | None = None) -> dict:
     return manifest
 
 
-def checkpoint_meta(ckpt: Path) -> dict:
+def checkpoint_meta(ckpt: Location) -> dict:
     """The manifest's meta (step, world_size, model, ... as the driver passed them); CheckpointError if unreadable."""
     return read_manifest(ckpt)["meta"]
 
 
-def save_checkpoint(root: Path, step: int, write_trainer: Callable[[str], None], driver_state: dict, keep: int,
-                    meta: dict | None = None) -> Path:
-    """Write ``step-NNNNNN`` (trainer files, driver state, manifest last) and keep the ``keep`` newest complete ones."""
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_trainer(str(tmp))
-    (tmp / DRIVER_STATE).write_text(json.dumps({**driver_state, "step": step}, indent=2))
-    write_manifest(tmp, {**(meta or {}), "step": step})  # last: it marks the folder complete
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+def save_checkpoint(root: Location, step: int, write_trainer: Callable[[str], dict[str, dict]], driver_state: dict,
+                    keep: int, meta: dict | None = None) -> str:
+    """Write ``step-NNNNNN`` (the trainer's files, whose {name: {bytes, sha256}} ``write_trainer`` returns, the
+    driver state, the manifest last) and keep the ``keep`` newest complete ones."""
+    final = storage.join(str(root), f"step-{step:06d}")
+    storage.delete_dir(final)  # a replayed step rewrites its folder whole
+    files = dict(write_trainer(final))
+    data = json.dumps({**driver_state, "step": step}, indent=2).encode()
+    storage.write_text(storage.join(final, DRIVER_STATE), data.decode())
+    files[DRIVER_STATE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_manifest(final, files, {**(meta or {}), "step": step})  # last: it marks the folder complete
     # Only complete folders are pruned: a damaged or older-format one is left for a person to look at.
     for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        storage.delete_dir(old)
     return final
 
 
-def read_driver_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / DRIVER_STATE).read_text())
+def read_driver_state(ckpt: Location) -> dict:
+    return json.loads(storage.read_text(storage.join(str(ckpt), DRIVER_STATE)))
 
 
 class PromptStream:

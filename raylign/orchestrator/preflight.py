@@ -8,16 +8,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from raylign import storage
 from raylign.config import Config, ConfigError
 from raylign.envs import DataError, make_env
 from raylign.envs.pairs import (RowIssue, arith_examples, arith_pairs, load_examples, load_pairs, validate_examples,
                                 validate_pairs)
 from raylign.types import Example, Pair, Problem
-from raylign.orchestrator.checkpoint import MANIFEST, read_driver_state, verify_checkpoint
+from raylign.orchestrator.checkpoint import newest_checkpoint, read_driver_state, verify_checkpoint
 
 # Fields a resumed run must share with the run it continues: the model and its optimizer state, the trainer's
 # per-rank RNG states, the algorithm's state, and the problem set whose shuffled order the checkpoint indexes.
@@ -145,18 +146,23 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The newest step folder with a manifest, complete or not: a damaged newest checkpoint is an error to
-    report (verify_checkpoint names the file), not a reason to fall back silently to an older one."""
-    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / MANIFEST).is_file()]
-    return max(found, key=lambda p: int(p.name[5:]), default=None)
+def check_storage(cfg: Config) -> None:
+    """``train.storage`` opens, and a probe file can be written and removed there (credentials, bucket)."""
+    if not cfg.train.storage:
+        return
+    probe = storage.join(cfg.train.storage, f".raylign-probe-{os.getpid()}")
+    try:
+        storage.write_text(probe, "probe")
+        storage.delete_file(probe)
+    except Exception as e:  # pyarrow's errors differ by scheme: any of them means the run could not checkpoint
+        raise ConfigError(f"train.storage={cfg.train.storage!r} cannot be written: {str(e).splitlines()[0]}") from None
 
 
-def resume_point(cfg: Config, out_dir: Path) -> tuple[Path | None, dict]:
+def resume_point(cfg: Config) -> tuple[str | None, dict]:
     """The checkpoint a ``--resume`` continues from (verified) and its driver state; (None, {}) to start fresh."""
     if cfg.train.resume != "auto":
         return None, {}
-    ckpt = newest_checkpoint(out_dir / "checkpoints")
+    ckpt = newest_checkpoint(storage.join(cfg.storage_root(), "checkpoints"))
     if ckpt is None:
         return None, {}
     verify_checkpoint(ckpt, expect={"world_size": cfg.trainer.num_workers, "model": cfg.model.name})
@@ -180,7 +186,7 @@ class TrainingPlan:
     cfg: Config
     train_problems: list  # the algorithm's data source: Problems, Examples or Pairs
     eval_problems: list[Problem]
-    ckpt: Path | None
+    ckpt: str | None  # a storage location (raylign.storage)
     state: dict
     skipped_rows: int = 0  # invalid examples or pairs dropped (algorithm.skip_invalid)
     warmup: list = field(default_factory=list)  # SFT warm-up examples (train.sft_warmup_steps)
@@ -215,7 +221,8 @@ def plan_training(cfg: Config) -> TrainingPlan:
     train, evals = training_problems(make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg), cfg)
     train, skipped = checked_items(train, cfg)  # the token-length checks follow once the tokenizer is loaded
     warmup = warmup_examples(cfg)
-    ckpt, state = resume_point(cfg, Path(cfg.output_dir))
+    check_storage(cfg)
+    ckpt, state = resume_point(cfg)
     return TrainingPlan(cfg, train, evals, ckpt, state, skipped, warmup)
 
 

@@ -16,6 +16,7 @@ from array import array
 from collections.abc import Callable
 from pathlib import Path
 
+from raylign import storage
 from raylign.algorithms.registry import ALGORITHMS
 from raylign.chat import encode_chat
 from raylign.config import Config
@@ -92,11 +93,11 @@ class RayCluster:
             self.judge_pool, self.judge_tokenizer, self.judge_cache = None, tokenizer, {}
             if algorithm.judge(cfg.algorithm):
                 self._start_judge()
-        self.base_dir = Path(cfg.output_dir or storage_dir) / "base_policy"
-        if algorithm.base_snapshot(cfg.algorithm) and not (self.base_dir / "COMPLETE").is_file():
-            self.base_dir.mkdir(parents=True, exist_ok=True)
-            self.trainer.save_checkpoint(str(self.base_dir))  # the initial weights, for reset_policy
-            (self.base_dir / "COMPLETE").write_text("")  # written last: a resume reuses only a whole snapshot
+        self.base_dir = storage.join(cfg.train.storage or cfg.output_dir or storage_dir, "base_policy")
+        done = storage.join(self.base_dir, "COMPLETE")
+        if algorithm.base_snapshot(cfg.algorithm) and storage.file_size(done) is None:
+            self.trainer.save_checkpoint(self.base_dir)  # the initial weights, for reset_policy
+            storage.write_text(done, "")  # written last: a resume reuses only a whole snapshot
 
     def _start_trainer(self) -> TrainerGroup:
         cfg = self.cfg
@@ -106,7 +107,13 @@ class RayCluster:
                             total_steps=optimizer_steps, critic=self.critic,
                             # with LoRA the reference is the policy with its adapter off, in the trainer
                             reference=self.needs_reference and (cfg.trainer.ref_model == "trainer" or cfg.trainer.lora.enabled),
-                            command_timeout_s=cfg.fault.trainer_timeout_s, shared_dir=cfg.output_dir)
+                            command_timeout_s=cfg.fault.trainer_timeout_s, shared_dir=self._shared_dir())
+
+    def _shared_dir(self) -> str | None:
+        """The local folder the trainer writes into and the driver reads (checked at start from every rank);
+        None when the run's storage is remote (rank 0 uploads) or there is no output_dir (benchmarks)."""
+        root = self.cfg.train.storage or self.cfg.output_dir
+        return None if not root or storage.is_remote(root) else storage.open_fs(root)[1]
 
     def _start_judge(self) -> None:
         """The judge: a frozen model (``algorithm.judge_model``, default the policy's) on one generator actor
@@ -134,7 +141,7 @@ class RayCluster:
     def reset_policy(self) -> None:
         """Back to the initial weights and a fresh optimizer (saved at startup for algorithms that ask)."""
         with self.timer.phase("reset_policy"):
-            self.trainer.load_checkpoint(str(self.base_dir))
+            self.trainer.load_checkpoint(self.base_dir)
 
     def restart_trainer(self) -> None:
         """Replace the trainer workers (dead, or stuck past their deadline) with a fresh group at the initial

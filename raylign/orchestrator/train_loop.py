@@ -25,10 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from raylign import storage
 from raylign.algorithms.registry import ALGORITHMS
 from raylign.config import ALGORITHM_CONFIGS, Config
-from raylign.types import Problem
 from raylign.models import load_tokenizer, resolve_model
+from raylign.types import Problem
 from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
                                              verify_checkpoint)
 from raylign.orchestrator.cluster import ray_cluster
@@ -150,13 +151,13 @@ class TrainingRun:
         self.faults: Counter[str] = Counter({"fault/trainer_restarts": 0, "fault/replayed_steps": 0})
         self.rollouts = out_dir / "rollouts.jsonl"
         self.metrics_log = out_dir / "metrics.jsonl"  # one row per step and per eval: the report reads it
-        self.checkpoints = out_dir / "checkpoints"
+        self.checkpoints = storage.join(cfg.storage_root(), "checkpoints")  # train.storage, else output_dir
         # the step's extra prompts (dynamic sampling) come from the same checkpointed stream, whichever it is now
         cluster.prompt_source = lambda n: self.stream.take(n)
         if getattr(cfg.algorithm, "max_staleness", 0) > 0:  # async: the generators sample the next steps ahead
             cluster.start_prefetch(lambda k: self.stream.peek_batches(k), cfg.algorithm.max_staleness)
 
-    def run(self, ckpt: Path | None, state: dict) -> dict:
+    def run(self, ckpt: str | None, state: dict) -> dict:
         step = state.get("step", 0)
         self.bar = tqdm(total=self.total, desc="train", unit="step", initial=step)
         started, failure = False, None
@@ -188,7 +189,7 @@ class TrainingRun:
             self.log_row(0, "eval_before", self.evals["eval_before"])
         return 0
 
-    def restore(self, ckpt: Path, state: dict, resuming: bool = True) -> int:
+    def restore(self, ckpt: str, state: dict, resuming: bool = True) -> int:
         """Load a complete checkpoint into the trainer, the generators and this loop; returns its step.
         ``resuming`` (a new process): the cost counters continue from the checkpoint's; a recovery inside the
         run keeps its own, which count the replayed work too."""
@@ -285,13 +286,13 @@ class TrainingRun:
     def fault_counters(self) -> dict[str, float]:
         return {**self.cluster.fault_counters(), **self.faults}
 
-    def maybe_checkpoint(self, step: int) -> Path | None:
+    def maybe_checkpoint(self, step: int) -> str | None:
         every = checkpoint_every(self.cfg)
         if every and step % every == 0 and step < self.total:
             return self.save(step)
         return None
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> str:
         state = {"policy_version": self.cluster.version, "data": self.stream.state_dict(),
                  "warmup_data": self.warmup_stream.state_dict(),
                  "algorithm": self.algo_state, "mlflow_run_id": self.tracker.run_id, "evals": self.evals,
@@ -307,8 +308,8 @@ class TrainingRun:
     def finish(self) -> dict:
         cfg, cluster = self.cfg, self.cluster
         final_ckpt = self.save(self.total)
-        final_model = self.out_dir / "final_model"
-        cluster.trainer.export_hf(str(final_model))
+        final_model = storage.join(cfg.storage_root(), "final_model")
+        cluster.trainer.export_hf(final_model)
         if cfg.train.eval_after:
             self.evals["eval_after"] = run_eval_phase(cluster, self.eval_problems, "eval_after", self.out_dir)
             self.tracker.log_metrics({f"eval/{k}": v for k, v in self.evals["eval_after"].items()}, step=self.total)
@@ -326,7 +327,7 @@ class TrainingRun:
                 "timing": {k.removeprefix("timing/"): v for k, v in self.timing.items()},
                 "tokens_generated": cluster.tokens_generated, "mc_tokens": cluster.mc_tokens,
                 "judge_tokens": cluster.judge_tokens, "policy_version": cluster.version,
-                "mlflow_run_id": self.tracker.run_id, "final_model_dir": str(final_model),
+                "mlflow_run_id": self.tracker.run_id, "final_model_dir": final_model,
                 "final_checkpoint": str(final_ckpt), "rollouts": str(self.rollouts),
                 "reward_events": cluster.rewards.counters() if cluster.rewards is not None else {}, "faults": faults,
                 "weight_sync": cluster.sync_layout, "cost": cost}

@@ -180,9 +180,10 @@ class TrainerGroup:
         self.last_sync_bytes = sync.nbytes
         return sync
 
-    def save_checkpoint(self, dir: str) -> None:
-        """Write the trainer's part of a checkpoint (trainer_* files) into an existing or new folder."""
-        self._call(SaveCheckpoint(str(dir)))
+    def save_checkpoint(self, dir: str) -> dict[str, dict]:
+        """Write the trainer's part of a checkpoint (trainer_* files) into a storage location (``raylign.storage``:
+        a folder, or a URI rank 0 uploads to); returns {file name: {bytes, sha256}} of what rank 0 wrote."""
+        return self._call(SaveCheckpoint(str(dir)))[0]
 
     def load_checkpoint(self, dir: str) -> None:
         self._call(LoadCheckpoint(str(dir)))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from raylign import storage
 from raylign.config import load_config
 from raylign.orchestrator.checkpoint import save_checkpoint
 
@@ -32,12 +33,14 @@ def _written_checkpoint(run: Path, **meta) -> Path:
     """A run folder whose checkpoint was written by the real save path (trainer files stand in as bytes)."""
     cfg = load_config(GRPO, [f"output_dir={run}"], environ={}).absolutized()
 
-    def write_trainer(folder: str) -> None:
+    def write_trainer(folder: str) -> dict:
+        Path(folder).mkdir(parents=True)
         (Path(folder) / "trainer_model.safetensors").write_bytes(os.urandom(4096))
+        return storage.file_entries(folder)
 
     state = {"policy_version": 2, "data": {"epoch": 0, "position": 12}, "config": cfg.model_dump(mode="json")}
     meta = {"world_size": cfg.trainer.num_workers, "model": cfg.model.name, **meta}
-    return save_checkpoint(run / "checkpoints", 2, write_trainer, state, keep=2, meta=meta)
+    return Path(save_checkpoint(run / "checkpoints", 2, write_trainer, state, keep=2, meta=meta))
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -3,7 +3,10 @@
 `raylign train` attaches to it with relative paths; the trainer is pinned to A, the vLLM generator to B and
 the reward actors to C. With weight_transport=auto the replica on B gets its weights over Ray, never by a
 file written on A, and the canary confirms it serves the trainer's log-probs. Node B has a model cache of its
-own (RAYLIGN_CACHE_DIR), as a second machine would: its generator builds the model there itself."""
+own (RAYLIGN_CACHE_DIR), as a second machine would: its generator builds the model there itself.
+Checkpoints and the final model go to S3 (``train.storage``; moto's server on this machine speaks the S3
+protocol): trainer rank 0 uploads them from node A, a resume in a fresh cluster reads them back from there, and
+``raylign export`` writes a local HF folder from the bucket."""
 
 import json
 import os
@@ -15,12 +18,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raylign import storage
 from tests.integration.helpers import CLI_GRPO, PRESET, free_port, start_ray_node, stop_ray_node
 
 
 @pytest.fixture(scope="module")
-def three_nodes(tmp_path_factory):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+def three_nodes(tmp_path_factory, s3_bucket):
+    env = {**os.environ,  # with the S3 credentials s3_bucket set: the raylets pass them to their workers "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # workers and drivers present the token
     env.pop("RAY_ADDRESS", None)
     gcs = free_port()
@@ -38,17 +42,19 @@ def three_nodes(tmp_path_factory):
         time.sleep(3)
     try:
         assert out.stdout.strip().endswith("3"), out.stdout + out.stderr[-2000:]
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "cache_b": cache_b}
+        yield {"address": f"127.0.0.1:{gcs}", "env": env, "cache_b": cache_b, "s3": s3_bucket}
     finally:
         for proc, temp_dir in reversed(nodes):
             stop_ray_node(proc, temp_dir)
 
 
 def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_path):
+    store = storage.join(three_nodes["s3"], "mn")
     run = [*[a for a in CLI_GRPO if not a.startswith(("ray.num_cpus", "generator.backend"))],
            f"ray.address={three_nodes['address']}", "train.steps=2", "train.eval_before=false",
            "trainer.resources_per_worker={node_a: 0.01}", "generator.resources={node_b: 0.01}",
-           "reward.resources={node_c: 0.01}", "trainer.weight_transport=auto", "output_dir=runs/mn"]
+           "reward.resources={node_c: 0.01}", "trainer.weight_transport=auto", "output_dir=runs/mn",
+           f"train.storage={store}"]
     proc = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *run], cwd=tmp_path,
                           env=three_nodes["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,7 +63,10 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     assert [r["transport"] for r in layout["replicas"]] == ["ray"]
     assert layout["replicas"][0]["node"] != layout["trainer_node"]
     assert "replica 0 on node" in proc.stdout and "by ray" in proc.stdout
-    assert summary["policy_version"] == 2 and (tmp_path / "runs/mn/final_model/model.safetensors").is_file()
+    assert summary["policy_version"] == 2 and summary["final_model_dir"] == storage.join(store, "final_model")
+    assert {"config.json", "model.safetensors"} <= set(storage.list_files(summary["final_model_dir"]))
+    assert storage.list_dirs(storage.join(store, "checkpoints")) == ["step-000001", "step-000002"]
+    assert not (tmp_path / "runs/mn/checkpoints").exists() and not (tmp_path / "runs/mn/final_model").exists()
     # the generator on B resolved tiny-random-llama on its own node, not through the driver's cache path
     assert (three_nodes["cache_b"] / "tiny-random-llama-v1" / "raylign_model.json").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -70,10 +79,10 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     assert {r["policy_version"] for r in rows if r["step"] == 2} == {1}
 
     # The run's checkpoint resumes in a fresh cluster: a new local Ray cluster (other node ids, no node_a/b/c
-    # resources) takes it from its output_dir and trains step 3 on top of the two steps trained across nodes.
+    # resources) takes it from S3 and trains step 3 on top of the two steps trained across nodes.
     fresh_env = {k: v for k, v in three_nodes["env"].items() if k != "RAY_ADDRESS"}
     resumed = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *CLI_GRPO, "output_dir=runs/mn",
-                              "train.eval_before=false", "--resume"], cwd=tmp_path, env=fresh_env,
+                              "train.eval_before=false", f"train.storage={store}", "--resume"], cwd=tmp_path, env=fresh_env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = json.loads((tmp_path / "runs/mn/summary.json").read_text())
@@ -83,3 +92,12 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     assert sorted({r["step"] for r in rows}) == [1, 2, 3]
     assert {r["policy_version"] for r in rows if r["step"] == 3} == {2}
     assert [m.step for m in client.get_metric_history(run_id, "sync/replicas_ray")][:2] == [1, 2]
+    assert storage.list_dirs(storage.join(store, "checkpoints"))[-1] == "step-000003"
+
+    # `raylign export` takes the storage location and writes a local folder transformers loads
+    out = subprocess.run([sys.executable, "-m", "raylign", "export", store, "--out", "runs/mn/export"], cwd=tmp_path,
+                         env=fresh_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/mn/export").num_parameters() > 0

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 
 import raylign.actors.trainer_checkpoint as tc
 import raylign.orchestrator.checkpoint as oc
+from raylign import storage
 from raylign.actors.trainable import Trainable
 from raylign.orchestrator.checkpoint import (CheckpointError, checkpoint_meta, latest_checkpoint,
                                              read_driver_state, save_checkpoint, verify_checkpoint)
@@ -174,24 +175,46 @@ def test_no_code_runs_on_load():
 META = {"world_size": 2, "model": "smollm2-135m-instruct"}
 
 
-def fake_trainer(folder: str) -> None:
-    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(Path(folder) / "trainer_model.safetensors"))
-    (Path(folder) / "trainer_state.json").write_text(json.dumps({"steps": 3}))
+def fake_trainer(folder: str) -> dict:
+    """What trainer rank 0 does: write on its own disk, publish to the location, report sizes and hashes."""
+    with storage.staged(folder) as local:
+        save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(Path(local) / "trainer_model.safetensors"))
+        (Path(local) / "trainer_state.json").write_text(json.dumps({"steps": 3}))
+        return storage.file_entries(local)
 
 
-def save(root: Path, step: int, keep: int = 5) -> Path:
-    return save_checkpoint(root, step, fake_trainer, {"policy_version": step}, keep=keep, meta=META)
+def save(root, step: int, keep: int = 5) -> Path:
+    return Path(save_checkpoint(root, step, fake_trainer, {"policy_version": step}, keep=keep, meta=META))
 
 
 def test_a_complete_checkpoint_is_listed_and_verifies(tmp_path):
     ckpt = save(tmp_path, 16)
-    assert latest_checkpoint(tmp_path) == ckpt == tmp_path / "step-000016"
+    assert latest_checkpoint(tmp_path) == str(ckpt) == str(tmp_path / "step-000016")
     manifest = verify_checkpoint(ckpt, expect=META)
     assert set(manifest["files"]) == {"trainer_model.safetensors", "trainer_state.json", "driver_state.json"}
     assert manifest["files"]["trainer_model.safetensors"]["bytes"] == (ckpt / "trainer_model.safetensors").stat().st_size
     assert checkpoint_meta(ckpt) == {**META, "step": 16}
     assert read_driver_state(ckpt) == {"policy_version": 16, "step": 16}
-    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_checkpoints_in_s3_list_verify_prune_and_refuse_damage(s3_bucket):
+    """The same checkpoint code on an S3 endpoint (moto's server speaks the S3 protocol; pyarrow's S3 client)."""
+    root = storage.join(s3_bucket, "run-a", "checkpoints")
+    assert latest_checkpoint(root) is None
+    for step in (2, 4, 6):
+        save_checkpoint(root, step, fake_trainer, {"policy_version": step}, keep=2, meta=META)
+    ckpt = storage.join(root, "step-000006")
+    assert storage.list_dirs(root) == ["step-000004", "step-000006"]
+    assert latest_checkpoint(root) == ckpt and read_driver_state(ckpt) == {"policy_version": 6, "step": 6}
+    assert verify_checkpoint(ckpt, expect=META)["meta"]["step"] == 6
+    with storage.fetched(ckpt) as local:  # what trainer rank 0 loads from
+        assert load_file(Path(local) / "trainer_model.safetensors")["w"].tolist() == list(range(1000))
+    storage.write_text(storage.join(ckpt, "trainer_state.json"), "{}")  # rewritten: another size
+    assert latest_checkpoint(root) == storage.join(root, "step-000004")
+    with pytest.raises(CheckpointError, match="trainer_state.json has 2 bytes, the manifest lists 12"):
+        verify_checkpoint(ckpt)
+    storage.delete_file(storage.join(ckpt, "manifest.json"))  # an interrupted write: no manifest, never picked
+    assert latest_checkpoint(root) == storage.join(root, "step-000004")
 
 
 def test_keep_prunes_only_complete_older_checkpoints(tmp_path):
@@ -200,7 +223,7 @@ def test_keep_prunes_only_complete_older_checkpoints(tmp_path):
     (legacy / "driver_state.json").write_text("{}")
     for step in (2, 4, 6):
         save(tmp_path, step, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000001", "step-000004", "step-000006"]
+    assert storage.list_dirs(tmp_path) == ["step-000001", "step-000004", "step-000006"]
 
 
 def test_a_folder_without_manifest_is_not_a_checkpoint(tmp_path):
@@ -215,7 +238,7 @@ def test_a_truncated_file_is_skipped_and_refused(tmp_path):
     older, ckpt = save(tmp_path, 2), save(tmp_path, 4)
     path = ckpt / "trainer_model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    assert latest_checkpoint(tmp_path) == older
+    assert latest_checkpoint(tmp_path) == str(older)
     with pytest.raises(CheckpointError, match=r"trainer_model.safetensors has \d+ bytes, the manifest lists \d+"):
         verify_checkpoint(ckpt)
 
@@ -226,7 +249,7 @@ def test_a_flipped_byte_fails_the_hash(tmp_path):
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x01
     path.write_bytes(bytes(data))
-    assert latest_checkpoint(tmp_path) == ckpt  # same size: only hashing finds it
+    assert latest_checkpoint(tmp_path) == str(ckpt)  # same size: only hashing finds it
     with pytest.raises(CheckpointError, match="trainer_model.safetensors does not match its sha256"):
         verify_checkpoint(ckpt)
 

@@ -1,5 +1,8 @@
 """Cost accounting: seconds per role from phase timing, tokens per purpose, and totals across a resume."""
 
+import hashlib
+import os
+
 import pytest
 
 from raylign.orchestrator.cost import cost_metrics, cost_summary, merged_counters, role_seconds
@@ -52,7 +55,9 @@ def test_totals_across_a_resume():
 
 class _Trainer:
     def save_checkpoint(self, path):
+        os.makedirs(path)
         open(f"{path}/weights.bin", "w").write("w")
+        return {"weights.bin": {"bytes": 1, "sha256": hashlib.sha256(b"w").hexdigest()}}
 
     def load_checkpoint(self, path):
         pass

@@ -50,9 +50,16 @@ def _raylign_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("raylign")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raylign"):
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
+            names = {f"{node.module}.{a.name}" for a in node.names}
+            out |= names
+            if not all(_is_module(n) for n in names):  # `from raylign import storage` is the module, not __init__
+                out.add(node.module)
     return out
+
+
+def _is_module(dotted: str) -> bool:
+    path = PKG.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def test_no_import_cycles():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from raylign import storage
 from raylign.config import ConfigError, load_config
 from raylign.envs import DataError, make_env
 from raylign.orchestrator.checkpoint import save_checkpoint
@@ -66,30 +67,31 @@ def test_checkpoints_often_enough_for_the_allowed_loss():
 
 
 def _fake_checkpoint(out_dir: Path, cfg, step: int = 2) -> Path:
-    def write_trainer(folder: str) -> None:
+    def write_trainer(folder: str) -> dict:
+        Path(folder).mkdir(parents=True)
         (Path(folder) / "trainer_model.safetensors").write_bytes(b"weights")
+        return storage.file_entries(folder)
 
     state = {"policy_version": step, "data": {"epoch": 0, "position": 4}, "config": cfg.model_dump(mode="json")}
-    return save_checkpoint(out_dir / "checkpoints", step, write_trainer, state, keep=2,
-                           meta={"world_size": cfg.trainer.num_workers, "model": cfg.model.name})
+    return Path(save_checkpoint(out_dir / "checkpoints", step, write_trainer, state, keep=2,
+                                meta={"world_size": cfg.trainer.num_workers, "model": cfg.model.name}))
 
 
 def test_resume_refuses_a_changed_field_and_names_it(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.resume=auto"], environ={}).absolutized()
     ckpt = _fake_checkpoint(tmp_path, cfg)
-    found, state = resume_point(cfg, tmp_path)
-    assert found == ckpt and state["step"] == 2 and state["policy_version"] == 2
+    found, state = resume_point(cfg)
+    assert found == str(ckpt) and state["step"] == 2 and state["policy_version"] == 2
     changed = load_config(None, [f"output_dir={tmp_path}", "train.resume=auto", "algorithm.name=rloo"], environ={}).absolutized()
     with pytest.raises(ConfigError) as info:
-        resume_point(changed, tmp_path)
+        resume_point(changed)
     assert str(info.value) == (f"--resume from {ckpt}: it was written with algorithm.name='grpo', this run has "
                                "algorithm.name='rloo'; put it back or use a new output_dir")
     fewer = cfg.model_copy(deep=True)
     fewer.train.steps = 1
     with pytest.raises(ConfigError, match="at step 2, past train.steps=1"):
-        resume_point(fewer, tmp_path)
-    assert resume_point(cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": "never"})}),
-                        tmp_path) == (None, {})
+        resume_point(fewer)
+    assert resume_point(cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": "never"})})) == (None, {})
 
 
 def test_resume_refuses_a_checkpoint_of_another_worker_count(tmp_path):
@@ -98,10 +100,24 @@ def test_resume_refuses_a_checkpoint_of_another_worker_count(tmp_path):
     other = cfg.model_copy(deep=True)
     other.trainer.num_workers = 1
     with pytest.raises(ValueError, match="num_workers"):
-        resume_point(other, tmp_path)
+        resume_point(other)
 
 
 def test_driver_state_is_json(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}"], environ={}).absolutized()
     ckpt = _fake_checkpoint(tmp_path, cfg)
     assert json.loads((ckpt / "driver_state.json").read_text())["config"]["model"]["name"] == "smollm2-135m-instruct"
+
+
+def test_storage_is_checked_before_anything_starts(tmp_path, s3_bucket):
+    from raylign.orchestrator.preflight import check_storage
+
+    good = load_config(None, [f"output_dir={tmp_path}", f"train.storage={storage.join(s3_bucket, 'run')}"], environ={})
+    check_storage(good.absolutized())  # writes and removes a probe object
+    assert storage.list_files(storage.join(s3_bucket, "run")) == []
+    missing = s3_bucket.replace("s3://raylign-test", "s3://no-such-bucket")
+    bad = load_config(None, [f"output_dir={tmp_path}", f"train.storage={missing}"], environ={})
+    with pytest.raises(ConfigError, match=r"train.storage='s3://no-such-bucket\?.*' cannot be written: "):
+        check_storage(bad.absolutized())
+    relative = load_config(None, [f"output_dir={tmp_path}", "train.storage=ckpts"], environ={}).absolutized(tmp_path)
+    assert relative.train.storage == str(tmp_path / "ckpts") and relative.storage_root() == str(tmp_path / "ckpts")
