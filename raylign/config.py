@@ -63,6 +63,7 @@ class RagConfig(_Section):
     top_k: int = Field(3, ge=1, description="documents returned per search call")
     num_retrievers: int = Field(1, ge=1, description="retriever actors (each opens the index itself)")
     retriever_num_cpus: float = Field(0.25, gt=0, description="Ray logical CPUs each retriever actor reserves")
+    retriever_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each retriever actor needs, for placement on chosen nodes; a node without the index gets the driver's copy")
     max_turns: int = Field(3, ge=1, description="model turns per episode (the last must answer)")
     max_query_chars: int = Field(300, ge=1, description="longer search queries get an error message instead of results")
     max_result_chars: int = Field(1200, ge=50, description="tool output is cut to this many characters")

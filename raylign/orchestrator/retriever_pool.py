@@ -1,4 +1,6 @@
-"""A pool of retriever actors. The driver builds (or reuses) the index once; each actor opens it read-only.
+"""A pool of retriever actors. The driver builds (or reuses) the index once and puts a packed copy in Ray's object
+store; each actor opens it read-only from its own node's index folder, unpacking the copy first on a node that
+lacks it (``raylign.actors.retriever``). ``rag.retriever_resources`` places the actors on chosen nodes.
 A batch of queries is cut into contiguous parts, one per actor, and the results come back in query order.
 
 Every search waits at most ``fault.call_timeout_s``. An actor that dies or misses it is replaced and its part
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import ray
 
-from raylign.actors.retriever import RetrieverActor
+from raylign.actors.retriever import RetrieverActor, pack_index
 from raylign.config import Config, FaultConfig
 from raylign.envs.rag.store import Hit, build_store
 from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
@@ -26,11 +28,13 @@ class RetrieverPool:
         self.restarts = RestartBudget("retriever", self.fault.max_actor_restarts, "fault.max_actor_restarts",
                                       RetrieverPoolError)
         self.index_path = index_path or str(build_store(cfg).path)
+        self.shipped = [ray.put(pack_index(self.index_path))]  # fetched only by actors on nodes without the index
         self.actors = [self._start() for _ in range(cfg.rag.num_retrievers)]
-        ray.get([a.ready.remote() for a in self.actors])
+        self.placement = ray.get([a.ready.remote() for a in self.actors])  # per actor: node, path, unpacked
 
     def _start(self):
-        return RetrieverActor.options(num_cpus=self.rag.retriever_num_cpus).remote(self.index_path, self.rag)
+        return RetrieverActor.options(num_cpus=self.rag.retriever_num_cpus, resources=self.rag.retriever_resources
+                                      ).remote(self.index_path, self.rag, self.shipped)
 
     def search(self, queries: list[str], k: int | None = None, method: str = "hybrid") -> list[list[Hit]]:
         k = k or self.rag.top_k

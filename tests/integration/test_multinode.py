@@ -6,12 +6,14 @@ file written on A, and the canary confirms it serves the trainer's log-probs. No
 own (RAYLIGN_CACHE_DIR), as a second machine would: its generator builds the model there itself.
 Checkpoints and the final model go to S3 (``train.storage``; moto's server on this machine speaks the S3
 protocol): trainer rank 0 uploads them from node A, a resume in a fresh cluster reads them back from there, and
-``raylign export`` writes a local HF folder from the bucket."""
+``raylign export`` writes a local HF folder from the bucket. Retrievers pinned to node C, whose index folder
+is its own (RAYLIGN_INDEX_DIR), unpack the index the driver built and shipped through the object store."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,15 +26,17 @@ from tests.integration.helpers import CLI_GRPO, PRESET, free_port, start_ray_nod
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory, s3_bucket):
-    env = {**os.environ,  # with the S3 credentials s3_bucket set: the raylets pass them to their workers "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    # os.environ now holds the S3 credentials s3_bucket set: the raylets pass them on to their workers
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # workers and drivers present the token
     env.pop("RAY_ADDRESS", None)
     gcs = free_port()
     nodes = [start_ray_node(env, num_cpus=4, resources={"node_a": 1}, gcs_port=gcs, dashboard_port=free_port())]
     time.sleep(8)  # the head's GCS must be up before workers join
-    cache_b = tmp_path_factory.mktemp("node_b_cache")
-    nodes += [start_ray_node({**env, "RAYLIGN_CACHE_DIR": str(cache_b)} if name == "node_b" else env, head_port=gcs,
-                             num_cpus=3, resources={name: 1}) for name in ("node_b", "node_c")]
+    cache_b, index_c = tmp_path_factory.mktemp("node_b_cache"), tmp_path_factory.mktemp("node_c_indexes")
+    own = {"node_b": {"RAYLIGN_CACHE_DIR": str(cache_b)}, "node_c": {"RAYLIGN_INDEX_DIR": str(index_c)}}
+    nodes += [start_ray_node({**env, **own[name]}, head_port=gcs, num_cpus=3, resources={name: 1})
+              for name in ("node_b", "node_c")]
     probe = "import ray; ray.init(address='127.0.0.1:%d'); print(len([n for n in ray.nodes() if n['Alive']]))" % gcs
     deadline = time.time() + 120
     while True:
@@ -42,7 +46,7 @@ def three_nodes(tmp_path_factory, s3_bucket):
         time.sleep(3)
     try:
         assert out.stdout.strip().endswith("3"), out.stdout + out.stderr[-2000:]
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "cache_b": cache_b, "s3": s3_bucket}
+        yield {"address": f"127.0.0.1:{gcs}", "env": env, "cache_b": cache_b, "index_c": index_c, "s3": s3_bucket}
     finally:
         for proc, temp_dir in reversed(nodes):
             stop_ray_node(proc, temp_dir)
@@ -101,3 +105,32 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/mn/export").num_parameters() > 0
+
+
+def test_retrievers_on_a_node_without_the_index_get_the_drivers_copy(three_nodes, tmp_path):
+    script = textwrap.dedent(f"""
+        import json, ray
+        from raylign.config import load_config
+        from raylign.envs.rag.store import build_store, qa_records
+        from raylign.orchestrator.retriever_pool import RetrieverPool
+        cfg = load_config(None, ["rag.index_dir={tmp_path / 'driver_indexes'}", "rag.synthetic_num_facts=40",
+                                 "rag.num_retrievers=2", "rag.retriever_resources={{node_c: 0.01}}"], environ={{}})
+        ray.init(address="{three_nodes['address']}")
+        store = build_store(cfg, progress=False)
+        pool = RetrieverPool(cfg)
+        questions = [r.question for r in qa_records(cfg, "all")[:20]]
+        ids = lambda hits: [[h.chunk_id for h in hs] for hs in hits]
+        print("RESULT", json.dumps({{"placement": pool.placement, "index": store.path.name,
+                                    "head": ray.get_runtime_context().get_node_id(),
+                                    "same": ids(pool.search(questions, 3, "bm25")) == ids(store.search(questions, 3, "bm25")),
+                                    "hybrid": [len(hs) for hs in pool.search(questions, 3)]}}))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=three_nodes["env"], capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    here = three_nodes["index_c"] / out["index"]
+    assert [p["path"] for p in out["placement"]] == [str(here)] * 2 and (here / "READY").is_file()
+    assert len({p["node_id"] for p in out["placement"]}) == 1 and out["placement"][0]["node_id"] != out["head"]
+    assert any(p["unpacked"] for p in out["placement"])  # the first actor on C unpacked the shipped copy
+    assert out["same"] and out["hybrid"] == [3] * 20
