@@ -10,7 +10,10 @@ ratio is exactly 1 and no extra forward pass is spent; with more, they are recom
 the first update (never taken from the generator, whose bf16 kernels differ slightly). KL can be a loss term
 (default) or, with ``kl_in_reward``, subtracted from the reward using the generator's sampling log-probs.
 REINFORCE++ (Hu 2025) normalises advantages over the whole batch (``group_baseline``: after a group-mean
-baseline). Variants of the loss (``policy_loss``: the clipped surrogate, GSPO, CISPO; is_losses.py) and DAPO's
+baseline). Deviation: the paper puts a per-token KL penalty into the reward and normalises token-level
+returns-to-go; here the reward is one number per response, so with ``kl_in_reward`` the response's summed
+KL estimate times kl_beta is subtracted from it before the batch normalisation (every token gets the same advantage), and
+by default (the reinforcepp_arith preset: ``kl_beta=0``) there is no KL at all. Variants of the loss (``policy_loss``: the clipped surrogate, GSPO, CISPO; is_losses.py) and DAPO's
 dynamic sampling and overlong shaping/filtering (dapo.py) are keyword arguments of the same step.
 """
 
