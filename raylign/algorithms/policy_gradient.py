@@ -11,10 +11,11 @@ the first update (never taken from the generator, whose bf16 kernels differ slig
 (default) or, with ``kl_in_reward``, subtracted from the reward using the generator's sampling log-probs.
 REINFORCE++ (Hu 2025) normalises advantages over the whole batch (``group_baseline``: after a group-mean
 baseline). Deviation: the paper puts a per-token KL penalty into the reward and normalises token-level
-returns-to-go; here the reward is one number per response, so with ``kl_in_reward`` the response's summed
-KL estimate times kl_beta is subtracted from it before the batch normalisation (every token gets the same advantage), and
-by default (the reinforcepp_arith preset: ``kl_beta=0``) there is no KL at all. Variants of the loss (``policy_loss``: the clipped surrogate, GSPO, CISPO; is_losses.py) and DAPO's
-dynamic sampling and overlong shaping/filtering (dapo.py) are keyword arguments of the same step.
+returns-to-go; here the reward is one number per response, so with ``kl_in_reward`` kl_beta times the
+response's summed KL estimate is subtracted from it before the batch normalisation (every token of a response
+gets the same advantage); the reinforcepp_arith preset has ``kl_beta=0``, so no KL at all. Variants of the
+loss (``policy_loss``: the clipped surrogate, GSPO, CISPO; is_losses.py) and DAPO's dynamic sampling and
+overlong shaping/filtering (dapo.py) are keyword arguments of the same step.
 """
 
 from __future__ import annotations
