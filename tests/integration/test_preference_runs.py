@@ -166,8 +166,9 @@ def test_sft_warmup_then_restem_keeps_only_correct_samples(ray_session, tiny_mod
 
 def test_restem_restart_from_base_returns_to_the_initial_weights(cluster, tmp_path):
     cfg, rc = cluster
-    rc.base_dir.mkdir(parents=True, exist_ok=True)
-    rc.trainer.save_checkpoint(str(rc.base_dir))  # what RayCluster does at start for restart_from_base
+    files = rc.trainer.save_checkpoint(rc.base_dir)  # what RayCluster does at start for restart_from_base
+    assert {"trainer_model.safetensors", "trainer_state.json"} <= set(files)  # rank 0 reports what it wrote
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in files.values())
     rc.trainer.save_weights(str(tmp_path / "base.safetensors"))
     algo = ALGORITHM_CONFIGS["restem"](group_size=4, prompts_per_step=2, batch_size=4, restart_from_base=True)
     state: dict = {}
