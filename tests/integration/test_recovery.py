@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -77,7 +78,7 @@ def test_past_the_restart_limit_the_run_stops_failed_with_a_loadable_checkpoint(
     assert "\n" not in message
     assert message.startswith("trainer workers failed 1 times (fault.max_trainer_restarts=0) at step 3: ")
     assert message.endswith(f"last complete checkpoint: {ckpt}")
-    assert ckpt.name == "step-000002" and verify_checkpoint(ckpt)["meta"]["world_size"] == 2
+    assert Path(ckpt).name == "step-000002" and verify_checkpoint(ckpt)["meta"]["world_size"] == 2
     assert time.monotonic() - started < 240  # a dead rank is seen within Ray Train's health-check interval
     runs = MlflowClient(cfg.tracking.uri).search_runs(["0", *[e.experiment_id for e in MlflowClient(
         cfg.tracking.uri).search_experiments()]])
