@@ -6,6 +6,7 @@ Both outputs load in transformers and vLLM (the adapter through ``LoRARequest`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from raylign.actors.trainer_checkpoint import MODEL_FILE, atomic_save, write_hf_
 from raylign.actors.value_head import drop_value_head
 from raylign.config import Config
 from raylign.models import resolve_model
-from raylign.orchestrator.checkpoint import latest_checkpoint, read_driver_state, verify_checkpoint
+from raylign.orchestrator.checkpoint import latest_checkpoint, read_driver_state, trainer_hashes, verify_checkpoint
 
 
 class ExportError(ValueError):
@@ -35,7 +36,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, adapter: bool = False) 
     cfg = Config.model_validate(read_driver_state(ckpt)["config"])
     lora = cfg.trainer.lora
     weights = storage.join(ckpt, MODEL_FILE)
-    state = load(storage.read_bytes(weights))
+    data = storage.read_bytes(weights)
+    digest = trainer_hashes(ckpt).get(MODEL_FILE)  # a remote checkpoint's weights are hashed here, read once
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ExportError(f"checkpoint {ckpt}: {MODEL_FILE} does not match its sha256 in the manifest "
+                          "(altered or corrupted)")
+    state = load(data)
     if lora.enabled != is_peft_state(state):
         raise ExportError(f"{weights}: its weights {'have' if is_peft_state(state) else 'lack'} LoRA "
                           f"adapters but the run's config says trainer.lora.enabled={lora.enabled}")

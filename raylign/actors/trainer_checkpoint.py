@@ -335,10 +335,20 @@ def _load_part(rank: int, wrapped: Trainable, src: Path, files: PartFiles, meta:
     wrapped.scatter_optimizer(optim_state)
 
 
-def _checked_on_rank0(src: Path, shown: str) -> tuple[dict | str, dict]:
+def _hash_problem(src: Path, shown: str, sha256: dict[str, str]) -> None:
+    for name, digest in sorted(sha256.items()):
+        if not (src / name).is_file():
+            raise ValueError(f"trainer checkpoint {shown}: {name} is missing")
+        if storage.sha256(str(src / name)) != digest:
+            raise ValueError(f"checkpoint {shown}: {name} does not match its sha256 in the manifest "
+                             f"(altered or corrupted)")
+
+
+def _checked_on_rank0(src: Path, shown: str, sha256: dict[str, str]) -> tuple[dict | str, dict]:
     """(trainer state or the one-line reason it cannot be loaded, optimizer JSON per part); messages name the
     checkpoint as ``shown`` (its storage location), not the local copy."""
     try:
+        _hash_problem(src, shown, sha256)
         return check_trainer_checkpoint(src)
     except ValueError as e:
         return str(e).replace(str(src), shown), {}
@@ -346,8 +356,9 @@ def _checked_on_rank0(src: Path, shown: str) -> tuple[dict | str, dict]:
         return f"trainer checkpoint {shown} cannot be read: {type(e).__name__}: {e}", {}
 
 
-def load_trainer_checkpoint(worker: TrainerState, in_dir: str) -> None:
-    """Load the trainer's files from ``in_dir`` (a storage location; rank 0 fetches a local copy when remote)."""
+def load_trainer_checkpoint(worker: TrainerState, in_dir: str, sha256: dict[str, str] | None = None) -> None:
+    """Load the trainer's files from ``in_dir`` (a storage location; rank 0 fetches a local copy when remote and
+    checks the files named in ``sha256`` against their digests there before reading any)."""
     with ExitStack() as stack:
         # Rank 0 fetches, reads and checks every file's header; the others learn the outcome first, so a
         # missing or broken file fails every rank before anyone enters the broadcasts below.
@@ -360,7 +371,7 @@ def load_trainer_checkpoint(worker: TrainerState, in_dir: str) -> None:
             except Exception as e:
                 payload = [f"trainer checkpoint {in_dir} cannot be fetched: {type(e).__name__}: {e}"]
             else:
-                state, metas = _checked_on_rank0(src, in_dir)
+                state, metas = _checked_on_rank0(src, in_dir, sha256 or {})
                 payload = [state]
         dist.broadcast_object_list(payload, src=0)
         _load_checked(worker, src, in_dir, payload[0], metas)

@@ -50,6 +50,7 @@ class SaveCheckpoint:
 @dataclass
 class LoadCheckpoint:
     dir: str
+    sha256: dict[str, str] | None = None  # files rank 0 hashes on its local copy before loading (name: hex digest)
 
 
 @dataclass

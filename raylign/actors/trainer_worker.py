@@ -314,7 +314,7 @@ class TrainerWorker:
         return ckpt.save_trainer_checkpoint(self, cmd.dir)
 
     def load_checkpoint(self, cmd: LoadCheckpoint) -> None:
-        ckpt.load_trainer_checkpoint(self, cmd.dir)
+        ckpt.load_trainer_checkpoint(self, cmd.dir, cmd.sha256)
 
     def run(self, cmd_id: int, cmd: Any) -> Reply:
         started = time.perf_counter()

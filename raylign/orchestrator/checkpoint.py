@@ -10,8 +10,10 @@ in safetensors, optimizer param_groups, scheduler, step count and per-rank RNG s
 ``driver_state.json`` (step, policy version, data position, algorithm state, MLflow run id, the config) and
 ``manifest.json`` ({format_version, meta: {step, world_size, model, ...}, files: {name: {bytes, sha256}}}).
 Everything in it is safetensors or JSON, so reading a checkpoint runs no code. ``latest_checkpoint`` checks sizes only
-(cheap); ``verify_checkpoint`` hashes every file (streaming it from remote storage) and is what a resume calls
-before loading.
+(cheap); ``verify_checkpoint`` is what a resume calls before loading. It hashes every file of a local checkpoint.
+Of a remote one it hashes only the small files (``HASH_ON_DRIVER_BYTES``): streaming the weights and optimizer state
+to the driver only to hash them would read them twice, so trainer rank 0 hashes the copy it fetches against
+``trainer_hashes`` before loading it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ FORMAT_VERSION = 1  # of the manifest; bump when the checkpoint layout changes
 _CONFIG_KEYS = {"world_size": "trainer.num_workers", "model": "model.name"}
 
 Location = str | Path  # a local folder or a storage URI (raylign.storage)
+HASH_ON_DRIVER_BYTES = 16 << 20  # of a remote checkpoint, the driver hashes files up to this size itself
 
 
 class CheckpointError(ValueError):
@@ -117,11 +120,18 @@ def _mismatch(ckpt: Location, field: str, saved, wanted) -> str:
     return f"checkpoint {ckpt} was written with {key}={saved!r}; this run has {key}={wanted!r}"
 
 
+def _hashed_by_driver(ckpt: Location, entry) -> bool:
+    return not storage.is_remote(str(ckpt)) or (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                                                 and entry["bytes"] <= HASH_ON_DRIVER_BYTES)
+
+
 def verify_checkpoint(ckpt: Location, expect: dict | None = None) -> dict:
-    """Hash every listed file and compare ``expect`` with the manifest's meta; the manifest, or CheckpointError."""
+    """Check every listed file's size, hash those the driver hashes (all of a local checkpoint, the small ones of a
+    remote one: ``trainer_hashes`` lists the rest) and compare ``expect`` with the manifest's meta; the manifest,
+    or CheckpointError."""
     manifest = read_manifest(ckpt)
     for name, entry in manifest["files"].items():
-        problem = _file_problem(ckpt, name, entry, hash_it=True)
+        problem = _file_problem(ckpt, name, entry, hash_it=_hashed_by_driver(ckpt, entry))
         if problem:
             raise CheckpointError(f"checkpoint {ckpt}: {problem}")
     meta = manifest["meta"]
@@ -131,6 +141,13 @@ def verify_checkpoint(ckpt: Location, expect: dict | None = None) -> dict:
         if meta[field] != wanted:
             raise CheckpointError(_mismatch(ckpt, field, meta[field], wanted))
     return manifest
+
+
+def trainer_hashes(ckpt: Location) -> dict[str, str]:
+    """{file name: sha256} of the files ``verify_checkpoint`` left for trainer rank 0 to hash on its fetched copy
+    (empty for a local checkpoint, which the driver hashed whole)."""
+    files = read_manifest(ckpt)["files"]
+    return {name: entry["sha256"] for name, entry in files.items() if not _hashed_by_driver(ckpt, entry)}
 
 
 def checkpoint_meta(ckpt: Location) -> dict:

@@ -31,7 +31,7 @@ from raylign.config import ALGORITHM_CONFIGS, Config
 from raylign.models import load_tokenizer, resolve_model
 from raylign.types import Problem
 from raylign.orchestrator.checkpoint import (PromptStream, latest_checkpoint, read_driver_state, save_checkpoint,
-                                             verify_checkpoint)
+                                             trainer_hashes, verify_checkpoint)
 from raylign.orchestrator.cluster import ray_cluster
 from raylign.orchestrator.cost import COUNTERS, cost_metrics, cost_summary, merged_counters
 from raylign.orchestrator.evaluate import evaluate
@@ -193,7 +193,7 @@ class TrainingRun:
         """Load a complete checkpoint into the trainer, the generators and this loop; returns its step.
         ``resuming`` (a new process): the cost counters continue from the checkpoint's; a recovery inside the
         run keeps its own, which count the replayed work too."""
-        self.cluster.trainer.load_checkpoint(str(ckpt))
+        self.cluster.trainer.load_checkpoint(str(ckpt), trainer_hashes(ckpt))
         self.stream.load_state_dict(state["data"])
         if "warmup_data" in state:
             self.warmup_stream.load_state_dict(state["warmup_data"])
@@ -229,7 +229,7 @@ class TrainingRun:
             _trim_rollouts(self.metrics_log, 0)
             back = 0
         else:
-            verify_checkpoint(ckpt)  # hashes every file: a damaged checkpoint stops the run rather than loading
+            verify_checkpoint(ckpt)  # a damaged checkpoint stops the run rather than loading (rank 0 hashes the rest)
             back = self.restore(ckpt, read_driver_state(ckpt), resuming=False)
         self.faults["fault/replayed_steps"] += step - back
         self.bar.n = back

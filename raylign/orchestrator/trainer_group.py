@@ -185,8 +185,10 @@ class TrainerGroup:
         a folder, or a URI rank 0 uploads to); returns {file name: {bytes, sha256}} of what rank 0 wrote."""
         return self._call(SaveCheckpoint(str(dir)))[0]
 
-    def load_checkpoint(self, dir: str) -> None:
-        self._call(LoadCheckpoint(str(dir)))
+    def load_checkpoint(self, dir: str, sha256: dict[str, str] | None = None) -> None:
+        """Load the trainer's part of a checkpoint; rank 0 first checks the files named in ``sha256`` (name: hex
+        digest) on its local copy, so a remote checkpoint is hashed where it is read, not streamed twice."""
+        self._call(LoadCheckpoint(str(dir), sha256))
 
     def export_hf(self, dir: str) -> None:
         """A plain HF folder (config, model.safetensors, tokenizer) loadable by transformers and vLLM."""

@@ -217,6 +217,34 @@ def test_checkpoints_in_s3_list_verify_prune_and_refuse_damage(s3_bucket):
     assert latest_checkpoint(root) == storage.join(root, "step-000004")
 
 
+def test_a_remote_checkpoint_leaves_its_large_files_for_rank_0_to_hash(s3_bucket, tmp_path, monkeypatch):
+    """The driver hashes a remote checkpoint's small files only; the large ones (here: over 1000 bytes) are hashed by
+    trainer rank 0 on the copy it fetches, so altered weights still fail the load, naming the file."""
+    monkeypatch.setattr(oc, "HASH_ON_DRIVER_BYTES", 1000)
+    local = save(tmp_path, 2)
+    assert oc.trainer_hashes(local) == {}  # a local checkpoint: the driver hashed it whole
+    root = storage.join(s3_bucket, "run-b", "checkpoints")
+    ckpt = save_checkpoint(root, 2, fake_trainer, {"policy_version": 2}, keep=2, meta=META)
+    model = storage.join(ckpt, "trainer_model.safetensors")
+    want = verify_checkpoint(ckpt, expect=META)["files"]["trainer_model.safetensors"]["sha256"]
+    assert oc.trainer_hashes(ckpt) == {"trainer_model.safetensors": want}
+    with storage.fetched(ckpt) as copy:
+        assert tc._hash_problem(Path(copy), ckpt, oc.trainer_hashes(ckpt)) is None
+    data = bytearray(storage.read_bytes(model))
+    data[-7] ^= 0x01
+    fs, path = storage.open_fs(model)
+    with fs.open_output_stream(path) as f:
+        f.write(bytes(data))
+    assert verify_checkpoint(ckpt, expect=META)["meta"]["step"] == 2  # same size, not hashed by the driver
+    with storage.fetched(ckpt) as copy:
+        state, metas = tc._checked_on_rank0(Path(copy), ckpt, oc.trainer_hashes(ckpt))
+    assert (state, metas) == (f"checkpoint {ckpt}: trainer_model.safetensors does not match its sha256 in the "
+                              "manifest (altered or corrupted)", {})
+    monkeypatch.setattr(oc, "HASH_ON_DRIVER_BYTES", 16 << 20)  # the default: this small file is the driver's
+    with pytest.raises(CheckpointError, match="trainer_model.safetensors does not match its sha256"):
+        verify_checkpoint(ckpt)
+
+
 def test_keep_prunes_only_complete_older_checkpoints(tmp_path):
     legacy = tmp_path / "step-000001"
     legacy.mkdir()

@@ -59,7 +59,7 @@ class _Trainer:
         open(f"{path}/weights.bin", "w").write("w")
         return {"weights.bin": {"bytes": 1, "sha256": hashlib.sha256(b"w").hexdigest()}}
 
-    def load_checkpoint(self, path):
+    def load_checkpoint(self, path, sha256=None):
         pass
 
 
