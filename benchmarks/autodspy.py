@@ -2,7 +2,8 @@
 throughput with 1 and 2 replicas, and the judge's share of the reward.
 
 SmolLM2-135M-Instruct is the policy, the task model and the judge (the judge shares the task model's pool),
-fp32 on CPUs without AVX512-BF16/AMX (bf16 takes torch's slow path there). Each part runs in a fresh process.
+bf16, or fp32 on CPUs without AVX512-BF16/AMX (``_parts.FP32_IF_NO_BF16``: bf16 takes a slow path there). Each part
+runs in a fresh process.
 
 - ``fixed``: the eval questions (``--eval-n`` per kind, test split) scored with every action in the space
   (2 modules x 15 signatures) through the real reward actors: accuracy per pipeline (the regex stage's exact
@@ -28,10 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parts import FP32_IF_NO_BF16  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = ROOT.parent / "shared" / "data"
-COMMON = ["model.dtype=float32", "trainer.bf16=false", "generator.kv_cache_gb=0.5"]
+COMMON = [*FP32_IF_NO_BF16, "generator.kv_cache_gb=0.5"]
 
 
 def data_overrides(data: str, eval_n: int) -> list[str]:

@@ -193,6 +193,17 @@ def test_a_broken_checkpoint_file_fails_every_rank_and_changes_nothing(group, tm
     assert all(torch.equal(before[k], v) for k, v in fp32_weights(group, tmp_path / "A").items())
 
 
+def test_a_file_that_fails_its_hash_on_rank_0_fails_every_rank(group, tmp_path):
+    """What a remote checkpoint's large files get: rank 0 hashes its copy against the manifest's digests."""
+    files = group.save_checkpoint(str(tmp_path / "S"))
+    digests = {name: entry["sha256"] for name, entry in files.items()}
+    group.load_checkpoint(str(tmp_path / "S"), digests)  # the right digests load
+    digests["trainer_optimizer.safetensors"] = "0" * 64
+    with pytest.raises(TrainerCommandError, match=r"rank\(s\) 0, 1") as err:
+        group.load_checkpoint(str(tmp_path / "S"), digests)
+    assert "trainer_optimizer.safetensors does not match its sha256 in the manifest" in str(err.value)
+
+
 def test_export_hf_loads_in_transformers(group, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
