@@ -13,11 +13,12 @@ from pathlib import Path
 
 from raylign.report.data import (
     TREND_LEARNED, TREND_ONCE, TREND_STUCK, TREND_WORSE, RunData, accuracy_points, eval_changes, load_run, percent,
+    prompt_accuracy, prompt_trend,
 )
 from raylign.report.page import config_section, image, kv_table, page, section
 from raylign.report.plots import (
-    PANELS, heatmap_rows, plot_accuracy, plot_compare, plot_panel, plot_prompt, plot_prompt_heatmap,
-    plot_reward_distribution, plot_timing, slug,
+    IMPROVED, PANELS, UNCHANGED, WORSE, heatmap_groups, plot_accuracy, plot_compare, plot_panel, plot_prompt,
+    plot_prompt_heatmap, plot_reward_distribution, plot_timing, slug,
 )
 
 COMPARE_KEYS = ["reward/mean", "accuracy/train", "timing/step"]
@@ -52,6 +53,18 @@ def _timing_section(run: RunData, out: Path) -> str:
     return section("Time per phase", body + image(plot_timing(run, out / "timing.png"), "timing"), "timing")
 
 
+def working_roles(roles: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The roles that did work: busy for some seconds or processing tokens. Summaries written before the cost
+    section dropped absent roles list an idle judge (and reference, reward) in every run; they are left out."""
+    return {role: v for role, v in roles.items() if v.get("busy_s", 0.0) > 0 or v.get("tokens_per_s", 0.0) > 0}
+
+
+def _role_row(role: str, v: dict[str, float]) -> str:
+    rate = f"{v['tokens_per_s']:.1f}" if "tokens_per_s" in v else ""
+    return (f"<tr><td>{html.escape(role)}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td>"
+            f"<td>{rate}</td></tr>")
+
+
 def _cost_section(run: RunData) -> str:
     """Tokens per purpose and seconds per role, from the summary's ``cost`` section (raylign >= this one)."""
     cost = run.summary.get("cost")
@@ -60,23 +73,35 @@ def _cost_section(run: RunData) -> str:
     tokens = [(k, f"{v:,.0f}") for k, v in cost["tokens_generated"].items() if v]
     tokens.append(("trained", f"{cost['tokens_trained']:,.0f}"))
     head = "<tr><th>role</th><th>busy s</th><th>idle s</th><th>tokens/s busy</th></tr>"
-    rows = "".join(f"<tr><td>{html.escape(role)}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td>"
-                   f"<td>{v['tokens_per_s']:.1f}</td></tr>" if "tokens_per_s" in v else
-                   f"<tr><td>{html.escape(role)}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td><td></td></tr>"
-                   for role, v in cost["roles"].items())
+    rows = "".join(_role_row(role, v) for role, v in working_roles(cost["roles"]).items())
     body = (f"<p>tokens generated per purpose, and trained:</p>{kv_table(tokens)}<p>seconds per role over the run's "
             f"{cost['total_s']:.1f} timed seconds:</p><table class=\"kv\" id=\"roles\">{head}{rows}</table>")
     return section("Cost", body, "cost")
 
 
+def _heatmap_caption(table: dict[str, dict[int, float]], groups: dict[str, list[str]]) -> str:
+    """What the heat map shows and, when it is capped, which prompts it keeps."""
+    trends = [prompt_trend(by_step) for by_step in table.values()]
+    counts = ", ".join(f"{trends.count(t)} {t}" for t in (TREND_LEARNED, TREND_WORSE, TREND_STUCK, TREND_ONCE))
+    text = (f"Of the run's {len(table)} scored prompts, comparing the last step each was sampled with the first: "
+            f"{counts}. Rows: prompts sorted by that change (last minus first accuracy), most improved at the top, "
+            "most worsened at the bottom, unchanged ones in between (most often sampled first); columns: every "
+            "step with scored samples; a cell is the share of the prompt's samples correct at that step, grey "
+            "where the prompt was not sampled.")
+    shown = sum(len(ids) for ids in groups.values())
+    if shown < len(table):
+        text += (f" The map is capped at {shown} rows, shared evenly among the prompts that improved most "
+                 f"({len(groups[IMPROVED])}), the unchanged ones sampled most often ({len(groups[UNCHANGED])}) and "
+                 f"those that got worse most ({len(groups[WORSE])}); raylign report --prompt ID plots any other.")
+    return f'<p id="heatmap-caption">{html.escape(text)}</p>'
+
+
 def _prompt_section(run: RunData, out: Path) -> str:
-    rows = heatmap_rows(run)
-    if not rows:
+    table = prompt_accuracy(run.rollouts)
+    if not table:
         return ""
-    counts = {t: sum(r[1] == t for r in rows) for t in (TREND_LEARNED, TREND_WORSE, TREND_STUCK, TREND_ONCE)}
-    text = ("<p>each prompt's first and last sampled step compared: " + html.escape(
-        ", ".join(f"{v} {k}" for k, v in counts.items())) + f" (of the {len(rows)} prompts shown)</p>")
-    return section("Per-prompt accuracy", text + image(plot_prompt_heatmap(run, out / "prompts.png"), "per-prompt"),
+    caption = _heatmap_caption(table, heatmap_groups(table))
+    return section("Per-prompt accuracy", caption + image(plot_prompt_heatmap(run, out / "prompts.png"), "per-prompt"),
                    "prompts")
 
 

@@ -154,6 +154,29 @@ def prompt_trend(by_step: dict[int, float]) -> str:
     return TREND_WORSE if values[-1] < values[0] else TREND_STUCK
 
 
+def accuracy_change(by_step: dict[int, float]) -> float:
+    """The last sampled step's accuracy minus the first's (0 for a prompt seen once)."""
+    values = list(by_step.values())
+    return values[-1] - values[0]
+
+
+def prompt_order(table: dict[str, dict[int, float]]) -> list[str]:
+    """Prompt ids by last-minus-first accuracy, most improved first and most worsened last; among equal changes
+    the most often sampled first (so "stuck" precedes "seen once"), then by id."""
+    return sorted(table, key=lambda pid: (-accuracy_change(table[pid]), -len(table[pid]), pid))
+
+
+def sampled_steps(table: dict[str, dict[int, float]]) -> list[int]:
+    """Every step at which some prompt has a scored sample, in order."""
+    return sorted({s for by_step in table.values() for s in by_step})
+
+
+def accuracy_matrix(table: dict[str, dict[int, float]], prompt_ids: list[str], steps: list[int]) -> list[list[float]]:
+    """Prompts x steps: the share of a prompt's samples correct at that step; NaN where it was not sampled
+    (not 0: a prompt that was not drawn did not fail)."""
+    return [[table[pid].get(s, math.nan) for s in steps] for pid in prompt_ids]
+
+
 def eval_changes(run: RunData) -> dict[str, int]:
     """Held-out problems by how their greedy answer changed from eval_before to eval_after (first sample each)."""
     before = {item_id(r): bool(r["correct"]) for r in run.eval_records.get("eval_before", []) if r.get("sample", 0) == 0}

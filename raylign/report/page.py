@@ -1,6 +1,8 @@
 """The report's HTML: one page, no network. PNGs sit beside it; the rollouts travel inside it as JSON and a
 few lines of plain JavaScript page and filter them (50 rows a page, so 10,000 rollouts stay quick). The
-filter lives in the URL hash (``#step=3&correct=false&prompt=17&page=2``): a link opens a filtered view.
+filter lives in the URL hash under a prefix (``#rollouts?step=3&correct=false&prompt=17&page=2``): a link opens
+a filtered view. A hash without it (a section's ``#accuracy``) leaves the filter alone, and the section links
+scroll without changing the hash, so the URL keeps the filter.
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ SCRIPT = """
 const ROWS = JSON.parse(document.getElementById('rollout-data').textContent);
 const PAGE = 50;
 const $ = (id) => document.getElementById(id);
-function readHash() {
-  const q = new URLSearchParams(location.hash.slice(1));
+const PREFIX = 'rollouts?';
+// The filter of a hash: '#rollouts?step=3&correct=false' (or an older link's '#step=3&correct=false'); null for
+// any other hash, such as a section's '#accuracy', which leaves the filter as it is.
+function parseFilter(hash) {
+  const h = hash.slice(1);
+  if (!h.startsWith(PREFIX) && !h.includes('=')) return null;
+  const q = new URLSearchParams(h.startsWith(PREFIX) ? h.slice(PREFIX.length) : h);
   return {step: q.get('step') || '', correct: q.get('correct') || '', prompt: q.get('prompt') || '',
           page: parseInt(q.get('page') || '1', 10)};
 }
+let FILTER = parseFilter(location.hash) || {step: '', correct: '', prompt: '', page: 1};
+let PAGES = 1;  // of the filtered rows, as last rendered
 function matches(r, f) {
   if (f.step && String(r.step) !== f.step) return false;
   if (f.correct && String(r.correct) !== f.correct) return false;
@@ -67,10 +76,11 @@ function cell(tr, value, cls) {
 }
 function fmt(x) { return (typeof x === 'number') ? x.toFixed(3) : (x === null || x === undefined ? '' : String(x)); }
 function render() {
-  const f = readHash();
+  const f = FILTER;
   $('f-step').value = f.step; $('f-correct').value = f.correct; $('f-prompt').value = f.prompt;
   const hits = ROWS.filter((r) => matches(r, f));
   const pages = Math.max(1, Math.ceil(hits.length / PAGE));
+  PAGES = pages;
   const page = Math.min(Math.max(1, f.page || 1), pages);
   const body = $('rollout-body');
   body.replaceChildren();
@@ -89,9 +99,15 @@ function render() {
   document.body.dataset.rendered = '1';
 }
 function setFilter(changes) {
-  const q = new URLSearchParams(location.hash.slice(1));
-  for (const [k, v] of Object.entries(changes)) { if (v) q.set(k, v); else q.delete(k); }
-  location.hash = q.toString();
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries({...FILTER, ...changes})) {
+    if (v && !(k === 'page' && String(v) === '1')) q.set(k, String(v));
+  }
+  location.hash = PREFIX + q.toString();
+}
+function onHash() {
+  const f = parseFilter(location.hash);
+  if (f) { FILTER = f; render(); }
 }
 for (const s of [...new Set(ROWS.map((r) => r.step))].sort((a, b) => a - b)) {
   const o = document.createElement('option'); o.value = String(s); o.textContent = 'step ' + s; $('f-step').append(o);
@@ -99,10 +115,14 @@ for (const s of [...new Set(ROWS.map((r) => r.step))].sort((a, b) => a - b)) {
 $('f-step').onchange = (e) => setFilter({step: e.target.value, page: ''});
 $('f-correct').onchange = (e) => setFilter({correct: e.target.value, page: ''});
 $('f-prompt').oninput = (e) => setFilter({prompt: e.target.value, page: ''});
-$('prev').onclick = () => setFilter({page: String(Math.max(1, readHash().page - 1))});
-$('next').onclick = () => setFilter({page: String(readHash().page + 1)});
-window.addEventListener('hashchange', render);
-if (location.hash.includes('=')) $('rollouts-section').scrollIntoView();  // a filtered link opens at the table
+$('prev').onclick = () => setFilter({page: String(Math.max(1, Math.min(PAGES, FILTER.page) - 1))});
+$('next').onclick = () => setFilter({page: String(Math.min(PAGES, FILTER.page + 1))});
+window.addEventListener('hashchange', onHash);
+// Section links scroll without touching the hash, so the URL keeps the filter (and stays a link to it).
+for (const a of document.querySelectorAll('nav a')) {
+  a.onclick = (e) => { e.preventDefault(); $(a.getAttribute('href').slice(1)).scrollIntoView(); };
+}
+if (parseFilter(location.hash)) $('rollouts-section').scrollIntoView();  // a filtered link opens at the table
 window.addEventListener('load', () => {
   document.body.dataset.images = [...document.images].filter((i) => i.complete && i.naturalWidth > 0).length;
 });

@@ -15,12 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from raylign.report.data import (  # noqa: E402
-    TREND_LEARNED, TREND_ONCE, TREND_STUCK, TREND_WORSE, RunData, accuracy_points, group_by_step, metric_keys,
-    prompt_accuracy, prompt_trend, series,
+    RunData, accuracy_change, accuracy_matrix, accuracy_points, group_by_step, metric_keys, prompt_accuracy,
+    prompt_order, prompt_trend, sampled_steps, series,
 )
 
 DPI = 90
-MAX_HEATMAP_PROMPTS = 60  # rows of the heat map; the most often sampled prompts first within each trend
+MAX_HEATMAP_PROMPTS = 60  # rows of the heat map at most (heatmap_groups picks them)
 MAX_BOX_STEPS = 40  # reward distribution: at most this many steps drawn, evenly spaced
 
 # Per-step curve panels: title -> the metrics drawn, one small axis each; keys a run lacks are skipped.
@@ -157,32 +157,58 @@ def plot_timing(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-TREND_ORDER = [TREND_LEARNED, TREND_WORSE, TREND_STUCK, TREND_ONCE]
+IMPROVED, UNCHANGED, WORSE = "improved", "unchanged", "got worse"  # heat-map row groups, top to bottom
 
 
-def heatmap_rows(run: RunData) -> list[tuple[str, str, dict[int, float]]]:
-    """(prompt id, trend, {step: accuracy}) for the heat map: by trend, most sampled first, at most
-    MAX_HEATMAP_PROMPTS rows."""
-    table = prompt_accuracy(run.rollouts)
-    rows = [(pid, prompt_trend(by_step), by_step) for pid, by_step in table.items()]
-    rows.sort(key=lambda r: (TREND_ORDER.index(r[1]), -len(r[2]), r[0]))
-    return rows[:MAX_HEATMAP_PROMPTS]
+def _shares(sizes: list[int], most: int) -> list[int]:
+    """Split ``most`` rows among groups of these sizes as evenly as they allow: one each in turn, a group that
+    runs out passing its turn on."""
+    take = [0] * len(sizes)
+    while sum(take) < min(most, sum(sizes)):
+        for i, size in enumerate(sizes):
+            if take[i] < size and sum(take) < most:
+                take[i] += 1
+    return take
+
+
+def heatmap_groups(table: dict[str, dict[int, float]], most: int = MAX_HEATMAP_PROMPTS) -> dict[str, list[str]]:
+    """The heat map's rows, {group: prompt ids} in ``prompt_order``: every prompt when there are at most ``most``;
+    otherwise ``most`` rows shared evenly by the most improved, the most worsened and the most often sampled
+    unchanged prompts (a row left over goes to them in that order)."""
+    order = prompt_order(table)
+    groups = {IMPROVED: [p for p in order if accuracy_change(table[p]) > 0],
+              UNCHANGED: [p for p in order if accuracy_change(table[p]) == 0],
+              WORSE: [p for p in order if accuracy_change(table[p]) < 0]}
+    n_improved, n_worse, n_unchanged = _shares([len(groups[IMPROVED]), len(groups[WORSE]), len(groups[UNCHANGED])],
+                                               most)
+    return {IMPROVED: groups[IMPROVED][:n_improved], UNCHANGED: groups[UNCHANGED][:n_unchanged],
+            WORSE: groups[WORSE][len(groups[WORSE]) - n_worse:]}
 
 
 def plot_prompt_heatmap(run: RunData, path: Path) -> Path | None:
-    """Prompts x steps, colour = share of the prompt's samples correct at that step (grey: not sampled)."""
-    rows = heatmap_rows(run)
-    if not rows:
+    """Prompts (``heatmap_groups``) x every step with scored samples; colour = share of the prompt's samples
+    correct at that step, grey where it was not sampled. Lines separate improved / unchanged / got worse."""
+    table = prompt_accuracy(run.rollouts)
+    groups = heatmap_groups(table)
+    prompt_ids = [pid for ids in groups.values() for pid in ids]
+    if not prompt_ids:
         return None
-    steps = sorted({s for _, _, by_step in rows for s in by_step})
-    grid = [[by_step.get(s, math.nan) for s in steps] for _, _, by_step in rows]
-    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.06 * len(steps) + 4)), max(2.5, 0.16 * len(rows) + 1.2)))
+    steps = sampled_steps(table)
+    grid = accuracy_matrix(table, prompt_ids, steps)
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.06 * len(steps) + 4)), max(2.5, 0.16 * len(prompt_ids) + 1.2)))
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
-    ax.set_yticks(range(len(rows)), [f"{pid} ({trend})" for pid, trend, _ in rows], fontsize=6)
-    ax.set_xlabel("step")
-    ax.set_title("per-prompt accuracy over steps (grey: not sampled that step)", fontsize=9)
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ticks = _even(list(range(len(steps))), 15)
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=7)
+    labels = [f"{pid} ({prompt_trend(table[pid])}, {accuracy_change(table[pid]):+.2f})" for pid in prompt_ids]
+    ax.set_yticks(range(len(prompt_ids)), labels, fontsize=6)
+    edge = 0
+    for ids in list(groups.values())[:-1]:
+        edge += len(ids)
+        if 0 < edge < len(prompt_ids):
+            ax.axhline(edge - 0.5, color="black", lw=0.8)
+    ax.set_xlabel("training step")  # not "step...": _save would swap these step ticks for column indices
+    ax.set_title("per-prompt accuracy per step, sorted by last minus first (grey: not sampled)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     return _save(fig, path)
 

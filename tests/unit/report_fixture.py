@@ -79,3 +79,20 @@ def write_run(folder: Path, steps: int = 3, prompts: int = 4, group: int = 2, ki
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# Prompt -> step -> correctness of its samples that step; each prompt is drawn at some steps only.
+SPARSE = {"s": {1: [False, False], 3: [True, False], 5: [True, True]},  # 0 -> 0.5 -> 1: learned
+          "t": {2: [True, True], 4: [False, True]},  # 1 -> 0.5: got worse
+          "u": {step: [True, False] for step in range(1, 6)},  # 0.5 at every step: stuck
+          "v": {4: [False, True]}}  # seen once
+
+
+def write_sparse_run(folder: Path) -> Path:
+    """A 5-step run whose rollouts.jsonl holds the samples of ``SPARSE`` (the other files as ``write_run``)."""
+    write_run(folder, steps=5, prompts=2, group=2)
+    rows = [{"step": step, "algorithm": "grpo", "prompt_id": pid, "sample": j, "prompt": f"prompt {pid}",
+             "completion": "yes" if ok else "no", "reward": float(ok), "correct": ok}
+            for pid, by_step in SPARSE.items() for step, hits in by_step.items() for j, ok in enumerate(hits)]
+    _write_jsonl(folder / "rollouts.jsonl", sorted(rows, key=lambda r: r["step"]))
+    return folder

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -9,11 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from raylign.report import write_prompt_plot, write_report
-from raylign.report.data import eval_changes, load_run, prompt_accuracy, prompt_trend, read_jsonl, series, std
+from raylign.report import working_roles, write_prompt_plot, write_report
+from raylign.report.data import (
+    accuracy_change,
+    accuracy_matrix,
+    eval_changes,
+    load_run,
+    prompt_accuracy,
+    prompt_order,
+    prompt_trend,
+    read_jsonl,
+    sampled_steps,
+    series,
+    std,
+)
 from raylign.report.page import embedded_json, rollout_rows
-from raylign.report.plots import heatmap_rows, panel_keys
-from tests.unit.report_fixture import TOOL, write_run
+from raylign.report.plots import heatmap_groups, panel_keys
+from tests.unit.report_fixture import TOOL, write_run, write_sparse_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,8 +55,46 @@ def test_per_prompt_accuracy_table_and_trends(tmp_path):
     assert table["p2"] == {1: 0.5, 2: 0.5, 3: 0.5}
     assert [prompt_trend(table[p]) for p in ("p0", "p1", "p2")] == ["learned", "got worse", "stuck"]
     assert prompt_trend({4: 1.0}) == "seen once"
-    assert [(pid, trend) for pid, trend, _ in heatmap_rows(run)] == [
-        ("p0", "learned"), ("p1", "got worse"), ("p2", "stuck"), ("p3", "stuck")]
+    assert [accuracy_change(table[p]) for p in ("p0", "p1", "p2")] == [1.0, -1.0, 0.0]
+    assert prompt_order(table) == ["p0", "p2", "p3", "p1"]  # by last minus first: learned, stuck, got worse
+
+
+def _cells(matrix: list[list[float]]) -> list[list[float | None]]:
+    return [[None if math.isnan(x) else x for x in row] for row in matrix]
+
+
+def test_heat_map_matrix_has_every_step_and_blanks_where_a_prompt_was_not_sampled(tmp_path):
+    table = prompt_accuracy(load_run(write_sparse_run(tmp_path / "run")).rollouts)
+    assert table["s"] == {1: 0.0, 3: 0.5, 5: 1.0}
+    order, steps = prompt_order(table), sampled_steps(table)
+    assert order == ["s", "u", "v", "t"] and steps == [1, 2, 3, 4, 5]
+    assert _cells(accuracy_matrix(table, order, steps)) == [
+        [0.0, None, 0.5, None, 1.0],  # s: sampled at steps 1, 3, 5 only; steps 2 and 4 blank, not 0
+        [0.5, 0.5, 0.5, 0.5, 0.5],
+        [None, None, None, 0.5, None],
+        [None, 1.0, None, 0.5, None]]
+    assert heatmap_groups(table) == {"improved": ["s"], "unchanged": ["u", "v"], "got worse": ["t"]}
+    text = write_report([tmp_path / "run"]).read_text()
+    assert ("Of the run&#x27;s 4 scored prompts, comparing the last step each was sampled with the first: 1 learned, "
+            "1 got worse, 1 stuck, 1 seen once.") in text and "capped" not in text
+
+
+def test_heat_map_rows_are_capped_evenly_across_improved_worse_and_unchanged():
+    table = {"a": {1: 0.0, 2: 1.0}, "b": {1: 0.5, 2: 0.75}, "c": {1: 1.0, 2: 0.0}, "d": {1: 0.5, 2: 0.5},
+             "e": {1: 0.5}, "f": {1: 0.2, 2: 0.2, 3: 0.2}, "g": {1: 1.0, 2: 0.5}}
+    assert prompt_order(table) == ["a", "b", "f", "d", "e", "g", "c"]
+    # 4 rows: one each in turn (improved, got worse, unchanged), the fourth to improved; worse keeps the worst
+    assert heatmap_groups(table, most=4) == {"improved": ["a", "b"], "unchanged": ["f"], "got worse": ["c"]}
+    assert heatmap_groups(table, most=6) == {"improved": ["a", "b"], "unchanged": ["f", "d"], "got worse": ["g", "c"]}
+    assert heatmap_groups({"a": {1: 0.0, 2: 1.0}, "d": {1: 0.5}}, most=1) == {
+        "improved": ["a"], "unchanged": [], "got worse": []}
+
+
+def test_capped_heat_map_says_which_prompts_it_shows(tmp_path):
+    text = write_report([write_run(tmp_path / "run", prompts=64)]).read_text()  # p0 learns, p1 worsens, 62 stuck
+    assert ("The map is capped at 60 rows, shared evenly among the prompts that improved most (1), the unchanged "
+            "ones sampled most often (58) and those that got worse most (1)") in text
+    assert "Of the run&#x27;s 64 scored prompts" in text and "1 learned, 1 got worse, 62 stuck, 0 seen once" in text
 
 
 def test_held_out_changes_and_steps_rebuilt_without_metrics_jsonl(tmp_path):
@@ -165,3 +216,21 @@ def test_cost_section_lists_tokens_and_roles(tmp_path):
     assert "<tr><td>generators</td><td>20.0</td><td>80.0</td><td>25.0</td></tr>" in text
     assert "<tr><td>reward</td><td>5.0</td><td>95.0</td><td></td></tr>" in text
     assert "<tr><td>judge</td>" not in text and "<tr><td>reference</td>" not in text  # neither ran
+
+
+def test_roles_that_did_no_work_are_not_listed(tmp_path):
+    # a summary written before the cost section dropped absent roles: judge, reference and reward listed idle
+    roles = {"generators": {"busy_s": 20.0, "idle_s": 80.0, "tokens_per_s": 25.0},
+             "trainer": {"busy_s": 30.0, "idle_s": 70.0, "tokens_per_s": 30.0},
+             "reference": {"busy_s": 0.0, "idle_s": 100.0}, "reward": {"busy_s": 5.0, "idle_s": 95.0},
+             "judge": {"busy_s": 0.0, "idle_s": 100.0, "tokens_per_s": 0.0}}
+    assert list(working_roles(roles)) == ["generators", "trainer", "reward"]
+    folder = write_run(tmp_path / "run")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["cost"] = {"tokens_generated": {"rollouts": 500.0, "judge": 0.0}, "tokens_trained": 900.0,
+                       "total_s": 100.0, "roles": roles}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    text = write_report([folder]).read_text()
+    table = re.search(r'<table class="kv" id="roles">(.*?)</table>', text).group(1)
+    assert re.findall(r"<tr><td>(\w+)</td>", table) == ["generators", "trainer", "reward"]
+    assert "<tr><th>judge</th>" not in text  # no judge tokens either
