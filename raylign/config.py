@@ -144,6 +144,7 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="attach to this cluster ('auto' or host:port); None starts a local one")
     num_cpus: int | None = Field(8, ge=1, description="logical CPUs of a local cluster (oversubscribed on small machines)")
     dashboard: bool = Field(False, description="start the Ray dashboard with a local cluster")
+    placement: Literal["default", "pack", "spread"] = Field("default", description="generator replicas and trainer workers over the nodes: pack (as few nodes as possible) or spread (one per node where possible), each role in its own placement group; default: Ray's scheduler for the replicas, Ray Train's pack for the workers")
 
 
 class TrackingConfig(_Section):

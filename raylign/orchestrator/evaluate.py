@@ -103,7 +103,7 @@ def run_eval(cfg: Config, problems: list[Problem] | None = None) -> dict:
     try:
         tracker.log_config(cfg)
         with ray_cluster(cfg.ray):
-            gens = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault)
+            gens = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault, placement=cfg.ray.placement)
             services = start_services(cfg)
             rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, rag_cfg=cfg.rag, fault_cfg=cfg.fault, full_cfg=cfg,
                                  services=services)

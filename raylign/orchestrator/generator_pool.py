@@ -31,6 +31,7 @@ from raylign.actors.generator import GeneratorActor, Prompt
 from raylign.actors.weight_sync import WeightBuckets, WeightSyncError
 from raylign.config import FaultConfig, GeneratorConfig, ModelConfig
 from raylign.orchestrator.faults import ACTOR_FAULTS, RestartBudget, RestartLimitError, fault_cause
+from raylign.orchestrator.placement import bundle, in_group, release, reserve
 from raylign.types import Completion, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def _one_at_a_time(method):
 
 class GeneratorPool:
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig,
-                 fault_cfg: FaultConfig | None = None, lora_rank: int | None = None):
+                 fault_cfg: FaultConfig | None = None, lora_rank: int | None = None, placement: str = "default"):
+        """``placement``: ray.placement (default, pack or spread) for this pool's replicas."""
         self.args = (model_path, model_cfg, gen_cfg)
         self._lock = threading.RLock()
         self.lora_rank = lora_rank
@@ -90,13 +92,15 @@ class GeneratorPool:
         self.weights: tuple[str, tuple] | None = None
         self.seed: int | None = None  # last reseed(seed)
         self.starting: dict[ray.ObjectRef, _Job] = {}  # replacements still starting after a generate call
+        one = bundle(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
+        self.group = reserve([one] * gen_cfg.num_replicas, placement, "generator replica")
         self.actors = [self._start(i) for i in range(gen_cfg.num_replicas)]
         self.nodes: list[str | None] = [None] * len(self.actors)  # each replica's Ray node id, once asked
         ray.get([a.ready.remote() for a in self.actors])
 
     def _start(self, replica: int):
         return GeneratorActor.options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus,
-                                     resources=self.cfg.resources or None).remote(
+                                     resources=self.cfg.resources or None, **in_group(self.group, replica)).remote(
             *self.args, replica=replica, lora_rank=self.lora_rank)
 
     def spec(self, **changes) -> SamplingSpec:
@@ -255,3 +259,5 @@ class GeneratorPool:
         for a in self.actors:
             ray.kill(a)
         self.starting = {}
+        release(self.group)
+        self.group = None

@@ -18,7 +18,7 @@ from raylign.orchestrator.generator_pool import GeneratorPool
 @ray.remote(num_cpus=0)
 class LMService:
     def __init__(self, model_cfg: ModelConfig, model_path: str, cfg: Config, gen_cfg: GeneratorConfig):
-        self.pool = GeneratorPool(model_path, model_cfg, gen_cfg, cfg.fault)
+        self.pool = GeneratorPool(model_path, model_cfg, gen_cfg, cfg.fault, placement=cfg.ray.placement)
         self.calls = self.requests = self.tokens = 0
 
     def complete(self, conversations: list[list[dict[str, str]]], temperature: float, max_tokens: int) -> list[str]:

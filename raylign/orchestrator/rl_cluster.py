@@ -82,7 +82,8 @@ class RayCluster:
             self.trainer = self._start_trainer()
             if algorithm.generation(cfg.algorithm) or evals:
                 self.generators = GeneratorPool(model_path, cfg.model, cfg.generator, cfg.fault,
-                                                lora_rank=cfg.trainer.lora.r if cfg.trainer.lora.enabled else None)
+                                                lora_rank=cfg.trainer.lora.r if cfg.trainer.lora.enabled else None,
+                                                placement=cfg.ray.placement)
                 self.services = start_services(cfg)  # models the reward calls: task model (dspy), judge
                 # rollouts: the generators, or multi-turn tool-use episodes over them (env.name=rag)
                 rewards = RewardPool(cfg.env, cfg.dataset, cfg.reward, reward_fn=reward_fn, rag_cfg=cfg.rag,
@@ -107,7 +108,8 @@ class RayCluster:
                             total_steps=optimizer_steps, critic=self.critic,
                             # with LoRA the reference is the policy with its adapter off, in the trainer
                             reference=self.needs_reference and (cfg.trainer.ref_model == "trainer" or cfg.trainer.lora.enabled),
-                            command_timeout_s=cfg.fault.trainer_timeout_s, shared_dir=self._shared_dir())
+                            command_timeout_s=cfg.fault.trainer_timeout_s, shared_dir=self._shared_dir(),
+                            placement=cfg.ray.placement)
 
     def _shared_dir(self) -> str | None:
         """The local folder the trainer writes into and the driver reads (checked at start from every rank);
@@ -123,7 +125,7 @@ class RayCluster:
         if path != self.model_path:
             self.judge_tokenizer = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
         self.judge_pool = GeneratorPool(path, judge_cfg, self.cfg.generator.model_copy(update={"num_replicas": 1}),
-                                        self.cfg.fault)
+                                        self.cfg.fault, placement=self.cfg.ray.placement)
 
     def judge(self, requests: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
         """Greedy judge answers, each distinct request asked once per run (the judge is frozen)."""

@@ -46,6 +46,7 @@ from raylign.actors.trainer_commands import (
 from raylign.actors.trainer_worker import WorkerSpec, train_loop_per_worker
 from raylign.actors.weight_sync import WeightBuckets
 from raylign.config import ModelConfig, TrainerConfig
+from raylign.orchestrator.placement import trainer_strategy
 from raylign.types import TrainBatch
 
 POLL_S = 1.0  # how often a waiting call checks that the workers are still alive
@@ -72,7 +73,7 @@ def write_probe(folder: str) -> tuple[str, str]:
 class TrainerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: TrainerConfig, seed: int, storage_dir: str,
                  total_steps: int | None = None, command_timeout_s: float | None = None, critic: str | None = None,
-                 reference: bool = False, shared_dir: str | None = None):
+                 reference: bool = False, shared_dir: str | None = None, placement: str = "default"):
         """Start the workers and wait until each has built its model (raises if one fails to).
 
         critic: None, or "value_head" / "separate" to build a PPO critic beside the policy.
@@ -82,6 +83,7 @@ class TrainerGroup:
         shared_dir: the run's output_dir, where the workers write checkpoints and the final model and the driver
             writes beside them: every rank must see the driver's files there (one folder on every node), checked
             before any step.
+        placement: ray.placement; ``spread`` asks Ray Train to spread the workers over the nodes (else it packs).
         """
         if cfg.lr_schedule != "constant" and total_steps is None:
             raise ValueError(f"trainer.lr_schedule={cfg.lr_schedule!r} needs total_steps")
@@ -103,6 +105,7 @@ class TrainerGroup:
             train_loop_per_worker,
             train_loop_config={"spec": spec, "command_queues": self._commands, "reply_queue": self._replies},
             scaling_config=ScalingConfig(num_workers=self.world, use_gpu=cfg.use_gpu,
+                                         placement_strategy=trainer_strategy(placement),
                                          resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.resources_per_worker}),
             run_config=RunConfig(name=f"trainer-{uuid.uuid4().hex[:8]}", storage_path=storage_dir,
                                  failure_config=FailureConfig(max_failures=0)),

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 ACTIONS = ["Predict | question -> answer", "CoT | question -> answer", "Predict | problem -> solution",
            "Foo | question -> answer", "CoT | question -> answer. Done", "no pipeline here"]
+WARM_ACTIONS = ["CoT | question -> answer", "Predict | question -> answer"]
 
 
 @pytest.fixture(scope="module")
@@ -95,27 +96,43 @@ def test_math_envs_use_the_judge_stage_on_wrong_answers_only(scored):
 
 
 def test_autodspy_grpo_preset_from_the_cli(tmp_path):
+    """The GRPO preset as a user runs it. An SFT warm-up on two actions (same run) teaches tiny-random-llama to
+    write valid pipelines, so DSPy executes them on the task model inside the GRPO steps and the eval."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    cfg = load_config(ROOT / "configs/autodspy_grpo.yaml", ["dspy.num_math=4", "dspy.num_multihop=4"], environ={})
+    train = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("train")
+    warm = [{"prompt": p.messages, "completion": WARM_ACTIONS[i % 2]} for i, p in enumerate(train)]
+    (tmp_path / "actions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in warm))
     args = ["configs/autodspy_grpo.yaml", "model.name=tiny-random-llama", "train.steps=2",
             "algorithm.prompts_per_step=2", "dspy.num_math=4", "dspy.num_multihop=4", "train.eval_limit=4",
             "dspy.max_new_tokens=32", "generator.max_new_tokens=12", "generator.kv_cache_gb=0.25",
+            "reward.judge.max_new_tokens=16",
+            # 30 steps at lr 5e-3 take the tiny model's loss on the actions to ~0.02 (measured in-process)
+            "train.sft_warmup_steps=30", "train.sft_warmup_data=actions.jsonl", "train.sft_warmup_batch_size=4",
+            "trainer.lr=5e-3", "trainer.warmup_steps=0",
             "trainer.micro_batch_tokens=2048", "ray.num_cpus=6", "tracking.uri=sqlite:///mlflow.db", "model.dtype=float32",
-            # transformers generate for the policy and the task model: tiny-random-llama writes no valid action, so
-            # the task model is never asked (the fixture's tests run it on vLLM); hf actors start in half the time
+            # transformers generate for the policy and the task model: hf actors start in half the time of vLLM
+            # (the fixture's tests run the task model on vLLM)
             "generator.backend=hf", "output_dir=runs/autodspy"]
     proc = subprocess.run([sys.executable, "-m", "raylign", "train", *args], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs/autodspy"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["policy_version"] == 2
+    assert summary["steps"] == 32 and summary["sft_warmup_steps"] == 30 and summary["policy_version"] == 32
     assert (run / "pipelines.png").stat().st_size > 10_000  # the distribution before and after, as a plot
     rows = [json.loads(line) for line in (run / "eval_after.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["kind"] in ("math", "multihop") and r["pipeline"] for r in rows)
-    # tiny-random-llama writes no valid action: every eval sample is "unparsed", as the MLflow run shows
+    assert {r["pipeline"] for r in rows} <= {"ChainOfThought: question to answer", "Predict: question to answer"}
     metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.metrics
     shares = {k: v for k, v in metrics.items() if k.startswith("eval/pipeline/")}
     for kind in {r["kind"] for r in rows}:
         assert sum(v for k, v in shares.items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
+    grpo = [r for r in map(json.loads, (run / "rollouts.jsonl").read_text().splitlines()) if r["step"] > 30]
+    parsed = [r["components"] for r in grpo if r["components"].get("dspy_parsed") == 1.0]
+    assert len(grpo) == 2 * 2 * 4 and parsed, [r["completion"] for r in grpo]
+    assert all(c["dspy_lm_calls"] >= 1 for c in parsed)  # each parsed pipeline called the task model
+    assert not any(c.get("dspy_judged") for c in parsed if c.get("dspy_regex") == 1.0)  # judge only on a regex 0
+    tokens = summary["cost"]["tokens_generated"]
+    assert tokens["dspy_task_model"] > 0  # DSPy ran the parsed pipelines on the task model
     assert summary["faults"]["fault/task_model_restarts"] == 0.0
-

