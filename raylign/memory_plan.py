@@ -258,21 +258,27 @@ def plan(cfg: Config, shape: Shape) -> Plan:
     symbols = {"P": p, "Pl": p_lora, "Pm": policy.p_module, "Pt": policy.p_train, "Pq": policy.p_nf4, "Pc": p_critic,
                "B": common["block"], "R": common["root"], "K": _zero(t, shape.hidden).get("reduce_bucket_size", 0)
                if t.backend == "deepspeed" else 0,
-               "N": t.num_workers, "T": t.micro_batch_tokens, "H": shape.hidden, "L": shape.layers, "V": shape.vocab}
+               "N": t.num_workers, "T": t.micro_batch_tokens, "H": shape.hidden, "L": shape.layers, "V": shape.vocab,
+               "TP": cfg.generator.tensor_parallel_size if cfg.generator.tensor_parallel_size > 1 else 0}
     return Plan(title=_title(cfg, shape, p, policy.p_train), roles=tuple(roles),
                 symbols={k: v for k, v in symbols.items() if v}, notes=tuple(_notes(cfg, roles[1].count)))
 
 
 def _generator_role(cfg: Config, shape: Shape, algo) -> Role:
-    """Replicas exist when the algorithm samples or an eval runs; each holds model.dtype weights and its KV cache."""
+    """Replicas exist when the algorithm samples or an eval runs; each holds model.dtype weights and its KV cache.
+    With tensor parallelism the unit is one GPU of a replica: 1/TP of the weights and a KV cache of its own
+    (vLLM's kv_cache_memory_bytes is per GPU), one process each."""
     g = cfg.generator
     replicas = g.num_replicas if algo.generation(cfg.algorithm) or cfg.train.eval_before or cfg.train.eval_after else 0
-    device, width = "GPU" if g.num_gpus > 0 else "CPU", DTYPE_BYTES[cfg.model.dtype]
-    terms = [Term(f"weights ({cfg.model.dtype})", f"{width}*P", width * total_params(shape), device)]
+    device, width, tp = "GPU" if g.num_gpus > 0 else "CPU", DTYPE_BYTES[cfg.model.dtype], g.tensor_parallel_size
+    weights = (Term(f"weights ({cfg.model.dtype})", f"{width}*P", width * total_params(shape), device) if tp == 1 else
+               Term(f"weights ({cfg.model.dtype}), 1/TP of them", f"{width}*P/TP", width * total_params(shape) / tp, device))
+    terms = [weights]
     if cfg.trainer.lora.enabled:
         terms.append(_generator_lora(cfg, shape, width, device))
     terms.append(Term("KV cache (generator.kv_cache_gb)", "kv_cache_gb", g.kv_cache_gb * GiB, device))
-    return Role("generator replica", replicas, tuple(terms + _overhead("generator", device)))
+    return Role("generator replica" if tp == 1 else "generator GPU", replicas * tp,
+                tuple(terms + _overhead("generator", device)))
 
 
 def _generator_lora(cfg: Config, shape: Shape, width: int, device: str) -> Term:
@@ -313,6 +319,12 @@ def _notes(cfg: Config, replicas: int) -> list[str]:
         notes.append("LoRA: the reference is the policy with its adapter off, so no reference copy is loaded")
     if not replicas:
         notes.append("no generator replicas: the algorithm does not sample and the evals are off")
+    if cfg.generator.tensor_parallel_size > 1:
+        notes.append(f"generator.tensor_parallel_size={cfg.generator.tensor_parallel_size}: each replica is that "
+                     "many generator GPUs, each a process with 1/TP of the weights")
+    if cfg.generator.gpu_memory_utilization is not None:
+        notes.append(f"generator.gpu_memory_utilization={cfg.generator.gpu_memory_utilization:g}: vLLM takes that "
+                     "share of each GPU and gives the KV cache what the weights leave; the KV term uses kv_cache_gb")
     if cfg.reward.judge.model or cfg.env.name == "dspy" or getattr(cfg.algorithm, "judge_model", None):
         notes.append("judge / task-model generator actors are not counted")
     return notes
