@@ -5,7 +5,8 @@ Parts, each a fresh process:
 - ``sync_file`` / ``sync_ray``: a local cluster (1 Ray Train worker, 1 vLLM generator) syncs SYNCS times with
   trainer.weight_transport=file, then =ray (object store, trainer.sync_bucket_mb buckets). Per sync: seconds
   (save + load), and the trainer worker's peak RSS during it (VmHWM reset before each sync) over its RSS
-  before, against the model's bf16 size.
+  before, against the model's bf16 size. Medians over the syncs after the first, and over the later half
+  (``RAYLIGN_BENCH_SYNCS``, default 4): the sender's first syncs run long while it maps fresh pages.
 - ``sync_two_nodes``: the same with ``ray`` across two Ray nodes on this machine (`ray start --head` plus a
   worker with its own temp dir; trainer pinned to the head, generator to the worker): each raylet has its own
   object store, so the buckets travel between them as between machines (over loopback here).
@@ -71,8 +72,12 @@ def sync_part(transport: str, address: str | None = None, placement: list[str] =
         layout = rc.sync_layout
         rc.shutdown()
     steady = syncs[1:]  # the first pays one-off costs (first object-store pages, engine warm-up)
+    # The sender's first few syncs also run long (fresh object-store and heap pages): the later half is what a
+    # run of hundreds of syncs sees.
+    late = syncs[len(syncs) // 2:]
     return {"transport": transport, "model_bf16_mb": model_mb, "syncs": syncs, "layout": layout,
             "seconds_median": statistics.median(s["seconds"] for s in steady),
+            "seconds_median_later_half": statistics.median(s["seconds"] for s in late),
             "peak_extra_mb_max": max(s["peak_extra_mb"] for s in steady)}
 
 
@@ -129,6 +134,8 @@ def summarise(parts: dict) -> dict:
                       "syncs": SYNCS, "async_steps": STEPS, "command": "python benchmarks/scale_out.py"},
            "parts": parts}
     out["sync_seconds"] = {k: v["seconds_median"] for k, v in parts.items() if k.startswith("sync_")}
+    out["sync_seconds_later_half"] = {k: v["seconds_median_later_half"] for k, v in parts.items()
+                                      if k.startswith("sync_") and "seconds_median_later_half" in v}
     out["sync_peak_extra_mb_over_model_mb"] = {k: v["peak_extra_mb_max"] / v["model_bf16_mb"]
                                                for k, v in parts.items() if k.startswith("sync_")}
     sync_speed = parts.get("async_0", {}).get("steps_per_s")

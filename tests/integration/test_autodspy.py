@@ -124,10 +124,16 @@ def test_autodspy_grpo_preset_from_the_cli(tmp_path):
     rows = [json.loads(line) for line in (run / "eval_after.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["kind"] in ("math", "multihop") and r["pipeline"] for r in rows)
     assert {r["pipeline"] for r in rows} <= {"ChainOfThought: question to answer", "Predict: question to answer"}
-    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"]).data.metrics
-    shares = {k: v for k, v in metrics.items() if k.startswith("eval/pipeline/")}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    keys = [k for k in client.get_run(summary["mlflow_run_id"]).data.metrics if k.startswith("eval/pipeline/")]
+    shares = {step: {} for step in (0, 32)}  # the pipeline distribution before (all unparsed) and after the run
+    for key in keys:
+        for m in client.get_metric_history(summary["mlflow_run_id"], key):
+            shares[m.step][key] = m.value
     for kind in {r["kind"] for r in rows}:
-        assert sum(v for k, v in shares.items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
+        for step in (0, 32):
+            assert sum(v for k, v in shares[step].items() if k.startswith(f"eval/pipeline/{kind}/")) == pytest.approx(1.0)
+        assert shares[0][f"eval/pipeline/{kind}/unparsed"] == 1.0  # the untrained tiny model writes no action
     grpo = [r for r in map(json.loads, (run / "rollouts.jsonl").read_text().splitlines()) if r["step"] > 30]
     parsed = [r["components"] for r in grpo if r["components"].get("dspy_parsed") == 1.0]
     assert len(grpo) == 2 * 2 * 4 and parsed, [r["completion"] for r in grpo]
