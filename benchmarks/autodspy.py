@@ -11,9 +11,10 @@ runs in a fresh process.
   the expected accuracy of a uniformly random choice), and the judge's share (judged samples; reward mass
   that came from the judge). ``examples_per_s``: programs scored per second by the reward pool, the first
   ``--speed-n`` actions, with ``dspy.num_replicas`` 1 and 2.
-- ``learned``: GRPO (the autodspy_grpo preset) for ``--steps`` steps on the train split of the same size,
-  then its greedy eval on the same test questions as ``fixed``: ``learned_accuracy`` and the chosen-pipeline
-  distribution before and after.
+- ``learned``: an SFT warm-up on the action format (``--warmup-steps`` steps on train questions paired with
+  uniformly drawn pipelines: the warm policy writes valid actions and chooses at random), then GRPO (the
+  autodspy_grpo preset) for ``--steps`` steps on the train split of the same size, then its greedy eval on the
+  same test questions as ``fixed``: ``learned_accuracy`` and the chosen-pipeline distribution before and after.
 
 ``--data offline`` (arith + synthetic two-hop, the product default) or ``files`` (GSM8K + HotpotQA from
 ../shared/data). Writes benchmarks/results/autodspy.json (one section per data source) and autodspy_<data>.png.
@@ -110,6 +111,28 @@ def summarise(problems, scores, seconds: float) -> dict:
             "seconds": seconds}
 
 
+def warmup_data(args, path: Path) -> int:
+    """SFT rows teaching the action format: each train question with pipelines drawn uniformly from the action
+    space (``--warmup-per-question`` per question), so the warm policy is a uniform-random chooser that writes
+    valid actions; GRPO then has to learn which pipeline pays. SmolLM2-135M untrained answers the question
+    instead of choosing (every action unparsed before and after 10 GRPO steps: reward 0, no signal)."""
+    import random
+
+    from raylign.config import load_config
+    from raylign.envs import make_env
+    from raylign.envs.dspy.actions import SIGNATURES, module_name
+
+    cfg = load_config(ROOT / "configs/autodspy_grpo.yaml", data_overrides(args.data, args.eval_n)).absolutized()
+    problems = make_env(cfg.env, cfg.dataset, cfg.rag, cfg=cfg).problems("train")
+    actions = [f"{module_name(m)} | {s}" for m in cfg.dspy.modules for s in SIGNATURES]
+    rng = random.Random(0)
+    rows = [{"prompt": p.messages, "completion": rng.choice(actions)}
+            for p in problems for _ in range(args.warmup_per_question)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
 def part_learned(args) -> dict:
     import raylign
     from raylign.orchestrator.pipeline_plot import pipeline_table
@@ -118,15 +141,22 @@ def part_learned(args) -> dict:
     overrides = [*COMMON, *data_overrides(args.data, args.eval_n), f"train.steps={args.steps}",
                  f"train.eval_limit={2 * args.eval_n}", "train.checkpoint_every=0",
                  f"output_dir={work}/run", f"tracking.uri=sqlite:///{work}/mlflow.db"]
+    warm_rows = 0
+    if args.warmup_steps:
+        warm_rows = warmup_data(args, work / "actions.jsonl")
+        overrides += [f"train.sft_warmup_steps={args.warmup_steps}", f"train.sft_warmup_data={work}/actions.jsonl",
+                      "train.sft_warmup_batch_size=8", f"trainer.lr={args.lr}"]
     start = time.perf_counter()
     summary = raylign.train(str(ROOT / "configs/autodspy_grpo.yaml"), overrides)
     wall = time.perf_counter() - start
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
-    return {"steps": args.steps, "wall_s": wall, "train_s": summary["timing"].get("train"),
+    return {"steps": args.steps, "warmup_steps": args.warmup_steps, "warmup_rows": warm_rows, "lr": args.lr,
+            "wall_s": wall, "train_s": summary["timing"].get("train"),
             "learned_accuracy": after.get("accuracy"), "accuracy_before": before.get("accuracy"),
             "eval_n": after.get("n", 2 * args.eval_n),
             "pipelines": pipeline_table({"before": before, "after": after}),
             "reward_curve": history(summary["mlflow_run_id"], f"sqlite:///{work}/mlflow.db", "reward/mean"),
+            "parsed_curve": history(summary["mlflow_run_id"], f"sqlite:///{work}/mlflow.db", "reward/dspy_parsed"),
             "judged_curve": history(summary["mlflow_run_id"], f"sqlite:///{work}/mlflow.db", "reward/dspy_judged"),
             "overrides": overrides}
 
@@ -180,6 +210,10 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=20, help="eval questions per kind (files: per file)")
     parser.add_argument("--speed-n", type=int, default=4, help="actions timed with 1 and 2 task-model replicas")
     parser.add_argument("--steps", type=int, default=10, help="GRPO steps of the learned part")
+    parser.add_argument("--warmup-steps", type=int, default=20,
+                        help="SFT steps on uniformly drawn valid actions before GRPO (0: none)")
+    parser.add_argument("--warmup-per-question", type=int, default=4, help="warm-up rows per train question")
+    parser.add_argument("--lr", type=float, default=3e-5, help="trainer.lr of the warm-up and GRPO")
     parser.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # one part in this process
@@ -191,7 +225,8 @@ def main() -> None:
     section = results.setdefault(args.data, {"data": args.data})
     for part in (["fixed", "learned"] if args.part == "all" else [args.part]):
         cmd = [sys.executable, __file__, "--side", "--part", part, "--data", args.data, "--eval-n", str(args.eval_n),
-               "--speed-n", str(args.speed_n), "--steps", str(args.steps)]
+               "--speed-n", str(args.speed_n), "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+               "--warmup-per-question", str(args.warmup_per_question), "--lr", str(args.lr)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

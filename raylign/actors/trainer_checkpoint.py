@@ -335,7 +335,7 @@ def _load_part(rank: int, wrapped: Trainable, src: Path, files: PartFiles, meta:
     wrapped.scatter_optimizer(optim_state)
 
 
-def _hash_problem(src: Path, shown: str, sha256: dict[str, str]) -> None:
+def _check_hashes(src: Path, shown: str, sha256: dict[str, str]) -> None:
     for name, digest in sorted(sha256.items()):
         if not (src / name).is_file():
             raise ValueError(f"trainer checkpoint {shown}: {name} is missing")
@@ -348,7 +348,7 @@ def _checked_on_rank0(src: Path, shown: str, sha256: dict[str, str]) -> tuple[di
     """(trainer state or the one-line reason it cannot be loaded, optimizer JSON per part); messages name the
     checkpoint as ``shown`` (its storage location), not the local copy."""
     try:
-        _hash_problem(src, shown, sha256)
+        _check_hashes(src, shown, sha256)
         return check_trainer_checkpoint(src)
     except ValueError as e:
         return str(e).replace(str(src), shown), {}
