@@ -30,8 +30,8 @@ def test_gpu_replicas_capture_cuda_graphs_and_shard_over_their_gpus():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["generator.tensor_parallel_size=2"], "generator.tensor_parallel_size=2 needs that many GPUs per replica: set "
-                                           "generator.num_gpus=2 (it is 0)"),
+    (["generator.tensor_parallel_size=2"], ("generator.tensor_parallel_size=2 needs that many GPUs per replica: set "
+                                            "generator.num_gpus=2 (it is 0)")),
     (["generator.num_gpus=1", "generator.tensor_parallel_size=4"], "set generator.num_gpus=4 (it is 1)"),
     (["generator.gpu_memory_utilization=0.5"], "generator.gpu_memory_utilization applies to GPU replicas"),
     (["generator.cuda_graphs=true"], "generator.cuda_graphs=true needs GPU replicas"),
