@@ -105,8 +105,8 @@ def test_autodspy_grpo_preset_from_the_cli(tmp_path):
     (tmp_path / "actions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in warm))
     args = ["configs/autodspy_grpo.yaml", "model.name=tiny-random-llama", "train.steps=2",
             "algorithm.prompts_per_step=2", "dspy.num_math=4", "dspy.num_multihop=4", "train.eval_limit=4",
-            "dspy.max_new_tokens=32", "generator.max_new_tokens=12", "generator.kv_cache_gb=0.25",
-            "reward.judge.max_new_tokens=16",
+            "dspy.max_new_tokens=16", "generator.max_new_tokens=12", "generator.kv_cache_gb=0.25",
+            "reward.judge.max_new_tokens=8",  # the task model and judge now run: short replies keep it quick
             # 30 steps at lr 5e-3 take the tiny model's loss on the actions to ~0.02 (measured in-process)
             "train.sft_warmup_steps=30", "train.sft_warmup_data=actions.jsonl", "train.sft_warmup_batch_size=4",
             "trainer.lr=5e-3", "trainer.warmup_steps=0",
