@@ -32,12 +32,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, adapter: bool = False) 
     if ckpt is None:
         raise ExportError(f"{run}: no complete checkpoint under {storage.join(run, 'checkpoints')} "
                           "(is it a raylign run folder or storage location?)")
-    verify_checkpoint(ckpt)
+    manifest = verify_checkpoint(ckpt)
     cfg = Config.model_validate(read_driver_state(ckpt)["config"])
     lora = cfg.trainer.lora
     weights = storage.join(ckpt, MODEL_FILE)
     data = storage.read_bytes(weights)
-    digest = trainer_hashes(ckpt).get(MODEL_FILE)  # a remote checkpoint's weights are hashed here, read once
+    digest = trainer_hashes(ckpt, manifest).get(MODEL_FILE)  # a remote checkpoint's weights are hashed here, read once
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise ExportError(f"checkpoint {ckpt}: {MODEL_FILE} does not match its sha256 in the manifest "
                           "(altered or corrupted)")

@@ -271,9 +271,9 @@ def _generator_role(cfg: Config, shape: Shape, algo) -> Role:
     g = cfg.generator
     replicas = g.num_replicas if algo.generation(cfg.algorithm) or cfg.train.eval_before or cfg.train.eval_after else 0
     device, width, tp = "GPU" if g.num_gpus > 0 else "CPU", DTYPE_BYTES[cfg.model.dtype], g.tensor_parallel_size
-    weights = (Term(f"weights ({cfg.model.dtype})", f"{width}*P", width * total_params(shape), device) if tp == 1 else
-               Term(f"weights ({cfg.model.dtype}), 1/TP of them", f"{width}*P/TP", width * total_params(shape) / tp, device))
-    terms = [weights]
+    split = ("", "") if tp == 1 else (", 1/TP of them", "/TP")
+    terms = [Term(f"weights ({cfg.model.dtype}){split[0]}", f"{width}*P{split[1]}", width * total_params(shape) / tp,
+                  device)]
     if cfg.trainer.lora.enabled:
         terms.append(_generator_lora(cfg, shape, width, device))
     terms.append(Term("KV cache (generator.kv_cache_gb)", "kv_cache_gb", g.kv_cache_gb * GiB, device))

@@ -143,10 +143,11 @@ def verify_checkpoint(ckpt: Location, expect: dict | None = None) -> dict:
     return manifest
 
 
-def trainer_hashes(ckpt: Location) -> dict[str, str]:
+def trainer_hashes(ckpt: Location, manifest: dict | None = None) -> dict[str, str]:
     """{file name: sha256} of the files ``verify_checkpoint`` left for trainer rank 0 to hash on its fetched copy
-    (empty for a local checkpoint, which the driver hashed whole)."""
-    files = read_manifest(ckpt)["files"]
+    (empty for a local checkpoint, which the driver hashed whole). ``manifest``: the one verify_checkpoint
+    returned, else it is read again."""
+    files = (manifest or read_manifest(ckpt))["files"]
     return {name: entry["sha256"] for name, entry in files.items() if not _hashed_by_driver(ckpt, entry)}
 
 

@@ -70,6 +70,7 @@ def test_generators_on_another_node_get_their_weights_over_ray(three_nodes, tmp_
            f"ray.address={three_nodes['address']}", "train.steps=2", "train.eval_before=false",
            "trainer.resources_per_worker={node_a: 0.01}", "generator.resources={node_b: 0.01}",
            "reward.resources={node_c: 0.01}", "trainer.weight_transport=auto", "output_dir=runs/mn",
+           "ray.placement=spread",  # placement groups from the CLI: the pinned roles still land where pinned
            f"train.storage={store}"]
     proc = subprocess.run([sys.executable, "-m", "raylign", "train", str(PRESET), *run], cwd=tmp_path,
                           env=three_nodes["env"], capture_output=True, text=True, timeout=600)

@@ -1,8 +1,11 @@
 """The 1.5B and 7B GPU presets: each fits an 80 GB GPU by `raylign plan`, and the memory its comment states is the
 plan's current estimate. The models' shapes are their public config.json values (tests/data; Qwen2.5-1.5B and
--7B-Instruct: 1,543,714,304 and 7,615,616,512 parameters, counted exactly by the plan)."""
+-7B-Instruct: 1,543,714,304 and 7,615,616,512 parameters, counted exactly by the plan). One test runs
+`raylign plan` on a preset as a user would, from the repo root with relative paths."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ GPU_GIB, UTILISATION = 80, 0.85
 
 
 def shape(size: str):
-    return model_shape(json.loads((ROOT / f"tests/data/qwen2.5-{size}-config.json").read_text()))
+    return model_shape(json.loads((ROOT / f"tests/data/qwen2.5-{size}/config.json").read_text()))
 
 
 def memory_comment(trainer_gib: float, unit: str, weights_gib: float) -> list[str]:
@@ -48,3 +51,16 @@ def test_each_gpu_preset_fits_an_80gb_gpu_and_states_its_plan(name):
     expected = memory_comment(trainer.total("GPU") / GiB, unit, weights / GiB)
     lines = path.read_text().splitlines()
     assert all(line in lines for line in expected), "\n".join(expected)
+
+
+def test_raylign_plan_prints_the_7b_presets_memory_from_the_cli():
+    out = subprocess.run([sys.executable, "-m", "raylign", "plan", "configs/grpo_gsm8k_7b_8gpu.yaml",
+                          "model.name=tests/data/qwen2.5-7b"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    comment = memory_comment(48.87, "generator GPU", 7.09)[0]  # the preset's own first memory line
+    assert comment in (ROOT / "configs/grpo_gsm8k_7b_8gpu.yaml").read_text().splitlines()
+    assert "generator GPU (x4)" in lines and "7,615,616,512 params" in lines[0]
+    assert any(line.split()[:3] == ["total", "per", "worker"] and "GPU 48.87 GiB" in line for line in lines)
+    assert any(line.split()[:3] == ["total", "per", "GPU"] and "GPU 9.09 GiB" in line for line in lines)
